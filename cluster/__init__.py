@@ -1,0 +1,1 @@
+"""Cluster layer: Ray, Ray Data, Ray Train, DeepSpeed and webdataset wiring around ``robust``."""

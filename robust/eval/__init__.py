@@ -1,0 +1,1 @@
+"""Out-of-distribution evaluation: corruptions, shifted-set loaders, metrics, reports."""

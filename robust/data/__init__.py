@@ -1,0 +1,33 @@
+"""Data layer: webdataset shards (schema, writer, manifest, reader), ImageFolder conversion, digits.
+
+The shard sample schema is documented in ``robust.data.shards``.
+"""
+
+from __future__ import annotations
+
+from robust.data.digits import build_digits_shards, digits_arrays
+from robust.data.folder import ConvertReport, class_names_of, convert_folder
+from robust.data.shards import (
+    Manifest,
+    ShardDataset,
+    ShardInfo,
+    ShardTensors,
+    decode_image,
+    decode_sample,
+    index_shards,
+    load_shards,
+    make_sample,
+    read_manifest,
+    resolve_shards,
+    shard_name,
+    verify_manifest,
+    write_manifest,
+    write_shards,
+)
+
+__all__ = [
+    "ConvertReport", "Manifest", "ShardDataset", "ShardInfo", "ShardTensors", "build_digits_shards",
+    "class_names_of", "convert_folder", "decode_image", "decode_sample", "digits_arrays", "index_shards",
+    "load_shards", "make_sample", "read_manifest", "resolve_shards", "shard_name", "verify_manifest",
+    "write_manifest", "write_shards",
+]

@@ -1,0 +1,62 @@
+"""The ``robust-distill`` command: data preparation and Kubernetes manifests.
+
+    robust-distill data digits OUT              the built-in digits data set as shards
+    robust-distill data convert ROOT OUT        an ImageFolder tree (ImageNet layout) as shards
+    robust-distill data verify DIR              check a shard set against its manifest
+    robust-distill k8s render [...]             KubeRay manifests from the recipe's typed config
+
+Training and evaluation are recipes: ``python recipes/dad_imagenet.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from robust.data.digits import build_digits_shards
+from robust.data.folder import convert_folder
+from robust.data.shards import verify_manifest
+
+
+def _data(args: argparse.Namespace) -> None:
+    if args.action == "digits":
+        for split, path in build_digits_shards(args.out).items():
+            print(f"{split}: {path}")
+    elif args.action == "convert":
+        report = convert_folder(args.root, args.out, prefix=args.prefix, max_per_shard=args.max_per_shard)
+        print(f"wrote {report.manifest.total} samples in {len(report.manifest.shards)} shards to {args.out}; "
+              f"skipped {len(report.skipped)}")
+    else:
+        manifest = verify_manifest(args.dir)
+        print(f"{args.dir}: {manifest.total} samples in {len(manifest.shards)} shards, checksums match")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="robust-distill", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="build, convert and verify webdataset shards")
+    dsub = data.add_subparsers(dest="action", required=True)
+    dsub.add_parser("digits", help="write scikit-learn's digits as train/test shards").add_argument("out")
+    conv = dsub.add_parser("convert", help="convert an ImageFolder tree to shards")
+    conv.add_argument("root")
+    conv.add_argument("out")
+    conv.add_argument("--prefix", default="shard")
+    conv.add_argument("--max-per-shard", type=int, default=1000)
+    dsub.add_parser("verify", help="check counts and checksums against manifest.json").add_argument("dir")
+    data.set_defaults(func=_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""The out-of-distribution report: report.json, report.md (tables like the papers') and PNG plots.
+
+A report dict is ``{"models": {name: entry}, ...run metadata}``; an entry (``metrics.summarize`` makes
+one) has accuracies in percent: "clean_acc", "corrupt_acc", "per_corruption" {corruption: [acc at
+severity 1..5]}, "sets" {set: acc}, "weights", and optionally "train_cost_s" or "cost_ms_per_img",
+"f_correct", "tuned_params", "total_params". "Avg shifts" is the mean of the shifted-set accuracies
+and the mean corrupted accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from robust.eval.corruptions import IMAGENET_C
+from robust.eval.metrics import SEVERITIES, mean_corruption_error
+
+COST_FIELDS = (("train_cost_s", "training cost (s)"), ("cost_ms_per_img", "training cost (ms / image)"))
+
+
+@dataclass
+class ReportFiles:
+    json: Path
+    markdown: Path
+    plots: dict[str, Path]  # plot name -> PNG
+    series: dict[str, int]  # plot name -> lines (severity), bar series (corruptions) or points (cost)
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | Path) -> ReportFiles:
+    """Write report.json, report.md and the plots that the entries have data for into ``out_dir``."""
+    models = report.get("models")
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError("a report needs a non-empty 'models' mapping {name: entry}; see robust.eval.report")
+    for name, entry in models.items():
+        if "clean_acc" not in entry:
+            raise ValueError(f"model {name!r} has no 'clean_acc'; every entry needs its clean accuracy")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "report.md").write_text(markdown(report))
+    plots, series = {}, {}
+    for plot_name, draw in (("severity", _severity_plot), ("corruptions", _corruption_bars), ("cost", _cost_plot)):
+        fig = Figure(figsize=(7.5, 4.5), dpi=120, layout="constrained")
+        FigureCanvasAgg(fig)
+        n = draw(fig.add_subplot(), models)
+        if n:
+            plots[plot_name] = out / f"{plot_name}.png"
+            series[plot_name] = n
+            fig.savefig(plots[plot_name])
+    return ReportFiles(out / "report.json", out / "report.md", plots, series)
+
+
+def mce_of(entry: Mapping[str, Any]) -> float | None:
+    """mCE in percent from the entry's per-corruption accuracies, when all 15 x 5 are there."""
+    table = entry.get("per_corruption", {})
+    if not all(c in table and None not in table[c] and len(table[c]) == len(SEVERITIES) for c in IMAGENET_C):
+        return None
+    return 100 * mean_corruption_error({c: [1 - a / 100 for a in table[c]] for c in IMAGENET_C})
+
+
+def avg_shifts(entry: Mapping[str, Any]) -> float | None:
+    values = list(entry.get("sets", {}).values()) + ([entry["corrupt_acc"]] if "corrupt_acc" in entry else [])
+    return fmean(values) if values else None
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    models = report["models"]
+    meta = {k: v for k, v in report.items() if k != "models"}
+    lines = ["# Robustness report", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""] * bool(meta)
+    sets = list(dict.fromkeys(s for e in models.values() for s in e.get("sets", {})))
+    lines += ["## Accuracy (%)", ""]
+    header = ["Model", "Clean", *sets, "Corrupted (mean)", "mCE", "Avg shifts"]
+    rows = [
+        [n, e["clean_acc"], *[e.get("sets", {}).get(s) for s in sets], e.get("corrupt_acc"), mce_of(e), avg_shifts(e)]
+        for n, e in models.items()
+    ]
+    lines += _table(header, rows)
+    corruptions = list(dict.fromkeys(c for e in models.values() for c in e.get("per_corruption", {})))
+    if corruptions:
+        lines += ["", "## Accuracy per corruption (%), mean over severities", ""]
+        rows = [[n, *[_mean(e.get("per_corruption", {}).get(c)) for c in corruptions]] for n, e in models.items()]
+        lines += _table(["Model", *corruptions], rows)
+        lines += ["", "## Accuracy per severity (%), mean over corruptions", ""]
+        rows = [[n, e["clean_acc"], *_by_severity(e)] for n, e in models.items()]
+        lines += _table(["Model", "clean", *map(str, SEVERITIES)], rows)
+    extra = [k for k in ("f_correct", "tuned_params", "total_params", *(f for f, _ in COST_FIELDS), "weights")
+             if any(k in e for e in models.values())]  # fmt: skip
+    if extra:
+        lines += ["", "## Cost and parameters", ""]
+        lines += _table(["Model", *extra], [[n, *[e.get(k) for k in extra]] for n, e in models.items()])
+    return "\n".join(lines) + "\n"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        if isinstance(v, Mapping):
+            return ", ".join(f"{k}: {cell(x)}" for k, x in v.items())
+        return str(v)
+
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(cell(v) for v in row) + " |" for row in rows
+    ]
+
+
+def _mean(values: list[float | None] | None) -> float | None:
+    present = [v for v in values or [] if v is not None]
+    return fmean(present) if present else None
+
+
+def _by_severity(entry: Mapping[str, Any]) -> list[float | None]:
+    table = entry.get("per_corruption", {}).values()
+    return [_mean([accs[i] for accs in table]) for i in range(len(SEVERITIES))]
+
+
+def _severity_plot(ax: Axes, models: Mapping[str, Any]) -> int:
+    """Accuracy vs severity, one line per model (RPT Fig. 3); severity 0 is the clean accuracy."""
+    for name, entry in models.items():
+        if entry.get("per_corruption"):
+            ys = [entry["clean_acc"], *_by_severity(entry)]
+            ax.plot(range(len(ys)), [np.nan if y is None else y for y in ys], marker="o", label=name)
+    ax.set(xlabel="severity (0 = clean)", ylabel="accuracy (%)", title="Accuracy vs severity (mean over corruptions)")
+    ax.set_xticks(range(len(SEVERITIES) + 1))
+    return _finish(ax, len(ax.get_lines()))
+
+
+def _corruption_bars(ax: Axes, models: Mapping[str, Any]) -> int:
+    """Grouped bars: one group per corruption, one bar series per model."""
+    drawn = {n: e["per_corruption"] for n, e in models.items() if e.get("per_corruption")}
+    corruptions = list(dict.fromkeys(c for table in drawn.values() for c in table))
+    width = 0.8 / max(1, len(drawn))
+    for i, (name, table) in enumerate(drawn.items()):
+        ys = [_mean(table.get(c)) for c in corruptions]
+        ax.bar(np.arange(len(corruptions)) + i * width, [np.nan if y is None else y for y in ys], width, label=name)
+    ax.set_xticks(np.arange(len(corruptions)) + 0.4 - width / 2, corruptions, rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel="accuracy (%), mean over severities", title="Accuracy per corruption")
+    return _finish(ax, len(ax.containers))
+
+
+def _cost_plot(ax: Axes, models: Mapping[str, Any]) -> int:
+    """Robustness vs training cost, one point per model with a known cost (RPT Fig. 1)."""
+    field, label = next(((f, lab) for f, lab in COST_FIELDS if any(f in e for e in models.values())), (None, ""))
+    n = 0
+    for name, entry in models.items():
+        y = entry.get("corrupt_acc")
+        if field in entry and y is not None:
+            ax.scatter([entry[field]], [y], label=name)
+            ax.annotate(name, (entry[field], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            n += 1
+    ax.set(xlabel=label, ylabel="corrupted accuracy (%)", title="Robustness vs cost")
+    return _finish(ax, n)
+
+
+def _finish(ax: Axes, n: int) -> int:
+    if n:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return n

@@ -3,7 +3,9 @@
     robust-distill data digits OUT              the built-in digits data set as shards
     robust-distill data convert ROOT OUT        an ImageFolder tree (ImageNet layout) as shards
     robust-distill data verify DIR              check a shard set against its manifest
-    robust-distill k8s render [...]             KubeRay manifests from the recipe's typed config
+    robust-distill k8s render --out DIR [--overlay NAME] [pools.*=... k8s.*=...]
+                                                KubeRay manifests from the typed pool config
+    robust-distill k8s check FILE...            validate manifests against the pool sizes they run
 
 Training and evaluation are recipes: ``python recipes/dad_imagenet.py --help``.
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cluster.k8s import OVERLAYS, load_deploy_config, render
+from cluster.k8s_checks import check_manifests, load_manifests
 from robust.data.digits import build_digits_shards
 from robust.data.folder import convert_folder
 from robust.data.shards import verify_manifest
@@ -31,6 +35,16 @@ def _data(args: argparse.Namespace) -> None:
         print(f"{args.dir}: {manifest.total} samples in {len(manifest.shards)} shards, checksums match")
 
 
+def _k8s(args: argparse.Namespace) -> None:
+    if args.action == "render":
+        cfg = load_deploy_config(args.overlay, args.overrides)
+        for path in render(cfg.pools, cfg.k8s, out_dir=args.out):
+            print(path)
+    else:
+        check_manifests(load_manifests(args.files))
+        print(f"{len(args.files)} manifest file(s) agree with their pool sizes and policies")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robust-distill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,6 +59,14 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("--max-per-shard", type=int, default=1000)
     dsub.add_parser("verify", help="check counts and checksums against manifest.json").add_argument("dir")
     data.set_defaults(func=_data)
+    k8s = sub.add_parser("k8s", help="render and check KubeRay manifests")
+    ksub = k8s.add_subparsers(dest="action", required=True)
+    rend = ksub.add_parser("render", help="write RayJob, RayCluster and PVC manifests for a pool config")
+    rend.add_argument("--out", required=True)
+    rend.add_argument("--overlay", choices=sorted(OVERLAYS), default=None)
+    rend.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. pools.student.num_workers=16")
+    ksub.add_parser("check", help="validate manifest files").add_argument("files", nargs="+")
+    k8s.set_defaults(func=_k8s)
     return p
 
 

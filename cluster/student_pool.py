@@ -73,7 +73,7 @@ class _Window:
 
 
 def _to_images(x_BHWC: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x_BHWC)).to(device).permute(0, 3, 1, 2).float().div_(255)
+    return torch.from_numpy(np.array(x_BHWC)).to(device).permute(0, 3, 1, 2).float().div_(255)
 
 
 def _logits(engine, x_BCHW: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,7 @@ def _logits(engine, x_BCHW: torch.Tensor) -> torch.Tensor:
 
 def _micro_step(engine, job: StudentJob, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     dev = engine.device
-    valid = torch.from_numpy(batch["valid"]).to(dev)
+    valid = torch.as_tensor(np.array(batch["valid"]), device=dev)
     if not bool(valid.any()):  # a batch of only corrupt samples still steps, with zero loss, for lock-step
         loss = sum(p.sum() * 0 for p in engine.module.parameters() if p.requires_grad)
         engine.backward(loss)
@@ -90,13 +90,13 @@ def _micro_step(engine, job: StudentJob, batch: dict[str, np.ndarray]) -> dict[s
         return {"loss": torch.zeros((), device=dev)}
     keep = valid.nonzero().squeeze(1)
     x = _to_images(batch["image"], dev)[keep]
-    y = torch.from_numpy(batch["label"]).to(dev)[keep]
+    y = torch.as_tensor(np.array(batch["label"]), device=dev)[keep]
     has_adv = "dad_image" in batch
     s_all = _logits(engine, torch.cat([x, _to_images(batch["dad_image"], dev)[keep]]) if has_adv else x)
     s, s_adv = (s_all[: len(x)], s_all[len(x):]) if has_adv else (s_all, None)
 
     def opt(name: str) -> torch.Tensor | None:
-        return torch.from_numpy(batch[name]).to(dev)[keep] if name in batch else None
+        return torch.as_tensor(np.array(batch[name]), device=dev)[keep] if name in batch else None
 
     loss, terms = objective(job.objective, student_logits=s, y=y, teacher_logits=opt("teacher_logits"),
                             student_adv_logits=s_adv, teacher_adv_logits=opt("dad_teacher_logits"))
@@ -124,6 +124,9 @@ def _log(window: _Window, state: TrainState, engine, job: StudentJob, rank: int)
     if rank == 0:
         with open(Path(job.run_dir) / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        print(f"[{Path(job.run_dir).name}] epoch {state.epoch + 1}/{job.epochs} step {state.step}/"
+              f"{job.epochs * job.steps_per_epoch} loss {row.get('loss', float('nan')):.4f} "
+              f"{row['samples_per_s']:.0f} samples/s", flush=True)
     return row
 
 

@@ -1,0 +1,71 @@
+"""The local default (`recipes/dad_imagenet.py preset=local`): wall time and peak memory, cold and warm.
+
+Cold: a fresh output directory, so every cached stage (digits shards, AugMix teacher, VQGAN) is built.
+Warm: the same directory again, so the cached stages are reused. Peak memory is the largest sum of
+resident memory over the recipe's whole process tree (driver, Ray's daemons, actors and workers).
+Targets: cold under 10 minutes, peak under 8 GiB.
+
+    .venv/bin/python benchmarks/local_default.py [OVERRIDES...]   -> benchmarks/results/local_default.json
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.machine import machine  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).parent / "results" / "local_default.json"
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:  # exited between listing and reading
+            pass
+    return total
+
+
+def run_once(out_dir: Path, overrides: list[str]) -> dict:
+    cmd = [sys.executable, str(REPO / "recipes" / "dad_imagenet.py"), "preset=local", f"run.out_dir={out_dir}", *overrides]
+    t0, peak = time.perf_counter(), 0
+    with open(out_dir.parent / f"{out_dir.name}.log", "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        ps = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss(ps))
+            time.sleep(0.5)
+    if proc.returncode != 0:
+        raise SystemExit(f"the local default failed (exit {proc.returncode}); see {log.name}")
+    return {"wall_s": time.perf_counter() - t0, "peak_rss_gib": peak / 2**30}
+
+
+def main(overrides: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(tmp) / "runs"
+        out_dir.mkdir()
+        cold = run_once(out_dir, overrides)
+        warm = run_once(out_dir, overrides)
+        report = json.loads((out_dir / "local" / "report.json").read_text())
+    models = {name: {k: e[k] for k in ("clean_acc", "corrupt_acc", "mce", "train_cost_s") if k in e}
+              for name, e in report["models"].items()}
+    results = {"machine": machine(), "overrides": overrides, "cold": cold, "warm": warm, "models": models,
+               "targets": {"cold_wall_s": 600, "peak_rss_gib": 8}}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,107 @@
+"""Pipeline overlap, offline vs online DAD, and object-store bytes in flight, on preset=local.
+
+Measured in one run on one local Ray cluster (same pool sizes throughout):
+  teacher alone   the teacher pool's DAD stream consumed by the driver (no students)
+  student alone   the student pool trained from pre-generated DAD shards (no teacher in the loop)
+  full            the online pipeline: teacher pool feeding the student pool
+Target: full >= 0.9 x the slower stage alone. Also the one-time offline generation cost, the cost of one
+student epoch online and offline, and the largest object-store use seen while the full pipeline ran.
+
+    .venv/bin/python benchmarks/pipeline.py [run.epochs=2 ...]     -> benchmarks/results/pipeline.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray  # noqa: E402
+
+from benchmarks.machine import machine  # noqa: E402
+from cluster.dad_run import DadRecipeConfig, start_ray, train_method  # noqa: E402
+from cluster.local import LOCAL_PRESET, prepare_local  # noqa: E402
+from cluster.pipeline import count_samples, read_raw, write_offline  # noqa: E402
+from cluster.teacher_pool import TeacherJob, teacher_stream  # noqa: E402
+from robust.config import load_config, split_cli  # noqa: E402
+
+OUT = Path(__file__).parent / "results" / "pipeline.json"
+
+
+class StoreSampler(threading.Thread):
+    """Polls the object store's used bytes (cluster total minus available) every 0.2 s."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.max_bytes, self.stop = 0.0, threading.Event()
+
+    def run(self) -> None:
+        total = ray.cluster_resources()["object_store_memory"]
+        while not self.stop.wait(0.2):
+            self.max_bytes = max(self.max_bytes, total - ray.available_resources().get("object_store_memory", total))
+
+
+def student_rate(run_dir: Path) -> float:
+    """Median samples/s over the logged windows after the first (which holds the pipeline's start)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r][1:]
+    return statistics.median(rates)
+
+
+def teacher_rate(cfg: DadRecipeConfig) -> float:
+    job = TeacherJob(mode="dad", teacher=cfg.teacher, vqgan=cfg.vqgan, dad=cfg.dad, augment=cfg.augment)
+    stream = teacher_stream(read_raw(cfg.data.train_shards), job, cfg.pools.teacher)
+    it = stream.iter_batches(batch_size=None)
+    next(it)  # the first batch waits for the actor to build its models: not timed
+    t0, count = time.perf_counter(), 0
+    for batch in it:
+        count += len(batch["key"])
+    return count / (time.perf_counter() - t0)
+
+
+def main(argv: list[str]) -> None:
+    _, _, overrides = split_cli(argv)
+    cfg = load_config(DadRecipeConfig, presets=[LOCAL_PRESET], overrides=["run.name=bench", "run.epochs=2",
+                                                                         "run.log_every=3", *overrides])
+    prepare_local(cfg)
+    start_ray(cfg.ray, cfg.pools)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    n = count_samples(cfg.data.train_shards)
+    results: dict = {"machine": machine(), "samples_per_epoch": n, "pools": dataclasses.asdict(cfg.pools)}
+
+    results["teacher_alone_samples_per_s"] = teacher_rate(cfg)
+
+    offline = dataclasses.replace(cfg, dad=dataclasses.replace(cfg.dad, mode="offline"),
+                                  run=dataclasses.replace(cfg.run, name="bench-offline"))
+    out_dir = Path(offline.run.out_dir).resolve() / offline.run.name
+    job = TeacherJob(mode="dad", teacher=cfg.teacher, vqgan=cfg.vqgan, dad=cfg.dad, augment=cfg.augment)
+    t0 = time.perf_counter()
+    write_offline(teacher_stream(read_raw(cfg.data.train_shards), job, cfg.pools.teacher), out_dir / "dad_shards",
+                  total=n, num_classes=cfg.student.num_classes)
+    results["offline_generation_s"] = time.perf_counter() - t0
+    results["student_alone_samples_per_s"] = student_rate(train_method(offline, "dad", cfg.student.num_classes))
+
+    sampler = StoreSampler()
+    sampler.start()
+    results["full_samples_per_s"] = student_rate(train_method(cfg, "dad", cfg.student.num_classes))
+    sampler.stop.set()
+    results["object_store_max_bytes_in_flight"] = sampler.max_bytes
+    results["object_store_bound_bytes"] = cfg.data.max_in_flight_mb * 2**20
+
+    slower = min(results["teacher_alone_samples_per_s"], results["student_alone_samples_per_s"])
+    results["full_over_slower_stage"] = results["full_samples_per_s"] / slower
+    results["online_epoch_s"] = n / results["full_samples_per_s"]
+    results["offline_epoch_s"] = n / results["student_alone_samples_per_s"]
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

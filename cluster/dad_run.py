@@ -1,0 +1,194 @@
+"""A DAD run from top to bottom: check the config, start Ray, train the students, evaluate, report.
+
+Each method in ``run.methods`` trains one student of the same architecture through the same pools:
+``ce`` (crops only), ``kd`` (+ teacher logits), ``dad`` (+ DAD samples; ``dad.mode`` online/offline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from cluster.config import STUDENT_RESOURCE, TEACHER_RESOURCE, PoolsConfig
+from cluster.deepspeed_config import OptimConfig, validate_optim
+from cluster.evaluate import EvalConfig, evaluate_models
+from cluster.local import LocalConfig
+from cluster.pipeline import batch_bytes, count_samples, execution_options, offline_stream, read_raw, write_offline
+from cluster.student_pool import StudentJob, fit_students
+from cluster.teacher_pool import AugmentConfig, TeacherConfig, TeacherJob, teacher_stream
+from robust.attacks.dad import DADConfig
+from robust.config import save_config
+from robust.data.shards import read_manifest
+from robust.losses.objectives import ObjectiveConfig
+from robust.models.timm_models import TimmConfig
+from robust.models.vqgan import VQGANConfig
+
+METHODS = {"ce": ("ce", "ce"), "kd": ("kd", "kd"), "dad": ("dad", None)}  # method -> (pool mode, objective)
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""  # shard dir with manifest.json (robust-distill data convert), or a remote URI
+    test_shards: str = ""  # evaluated clean and under the corruption suite
+    max_in_flight_mb: int = 1024  # object-store bytes the teacher pool may run ahead of the students
+
+
+@dataclass
+class DadSection(DADConfig):
+    mode: str = "online"  # online: fresh DAD samples every epoch; offline: generate once, train from shards
+
+
+@dataclass
+class RunSection:
+    name: str = "dad-imagenet"
+    out_dir: str = "runs"
+    storage_path: str = ""  # Ray Train checkpoints (a shared path or s3://...); default: <run dir>/ray
+    methods: list[str] = field(default_factory=lambda: ["dad"])
+    epochs: int = 30
+    checkpoint_every: int = 500
+    log_every: int = 20
+    max_failures: int = 3
+    seed: int = 0
+
+
+@dataclass
+class RayInitConfig:
+    address: str = ""  # "": the cluster of RAY_ADDRESS / `ray job submit`, else a new local one
+    num_cpus: int = 0  # a new local cluster only; 0: Ray's default
+    object_store_mb: int = 0
+    check_resources: bool = True  # fail early when the pools ask for more than the cluster has
+
+
+@dataclass
+class DadRecipeConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
+    dad: DadSection = field(default_factory=DadSection)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    student: TimmConfig = field(default_factory=lambda: TimmConfig(name="vit_base_patch16_224", num_classes=1000))
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pools: PoolsConfig = field(default_factory=PoolsConfig)
+    run: RunSection = field(default_factory=RunSection)
+    ray: RayInitConfig = field(default_factory=RayInitConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)  # preset=local's cached stages
+
+
+def run_dir(cfg: DadRecipeConfig) -> Path:
+    return Path(cfg.run.out_dir).expanduser().resolve() / cfg.run.name
+
+
+def check_config(cfg: DadRecipeConfig) -> int:
+    """Everything that can be checked before Ray starts; returns the number of classes."""
+    if not cfg.data.train_shards:
+        raise ValueError("no training data: pass data.train_shards=/path/to/shards (make them with "
+                         "`robust-distill data convert IMAGEFOLDER OUT`) or run with preset=local")
+    unknown = sorted(set(cfg.run.methods) - set(METHODS))
+    if unknown or not cfg.run.methods:
+        raise ValueError(f"run.methods {cfg.run.methods} must be a non-empty subset of {sorted(METHODS)}")
+    if cfg.dad.mode not in ("online", "offline"):
+        raise ValueError(f"dad.mode must be 'online' or 'offline', got {cfg.dad.mode!r}")
+    validate_optim(cfg.optim)
+    manifest = read_manifest(cfg.data.train_shards)  # also fails early on a missing path
+    num_classes = manifest.num_classes or cfg.student.num_classes
+    teacher_classes = (len(cfg.teacher.clip.class_names) or 1000) if cfg.teacher.kind == "clip" else cfg.teacher.timm.num_classes
+    if cfg.student.num_classes != num_classes or teacher_classes != num_classes:
+        raise ValueError(f"class counts differ: data {num_classes}, teacher {teacher_classes}, student "
+                         f"{cfg.student.num_classes}; set student.num_classes / the teacher's classes to match")
+    if cfg.data.test_shards:
+        read_manifest(cfg.data.test_shards)
+    return num_classes
+
+
+def check_resources(pools: PoolsConfig) -> None:
+    """An impossible pool size fails here, before any actor or worker starts."""
+    have = ray.cluster_resources()
+    need = {TEACHER_RESOURCE: pools.teacher.min_actors, STUDENT_RESOURCE: pools.student.num_workers,
+            "GPU": pools.teacher.min_actors * pools.teacher.gpus_per_actor
+            + pools.student.num_workers * pools.student.gpus_per_worker}
+    short = {k: (v, have.get(k, 0)) for k, v in need.items() if v > have.get(k, 0)}
+    if short:
+        detail = ", ".join(f"{k}: need {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
+        raise ValueError(f"the pools ask for more than the cluster has ({detail}); lower pools.teacher.min_actors "
+                         "/ pools.student.num_workers or add nodes with those resources")
+
+
+def start_ray(cfg: RayInitConfig, pools: PoolsConfig) -> None:
+    if ray.is_initialized():
+        return
+    if cfg.address:
+        ray.init(address=cfg.address)
+        return
+    try:  # inside `ray job submit` or with RAY_ADDRESS set: join that cluster
+        ray.init(address="auto")
+        return
+    except ConnectionError:
+        pass
+    # The dashboard hosts the state API that Ray Train's placement-group cleaner polls.
+    ray.init(num_cpus=cfg.num_cpus or None, object_store_memory=cfg.object_store_mb * 2**20 or None,
+             resources={TEACHER_RESOURCE: pools.teacher.max_actors, STUDENT_RESOURCE: pools.student.num_workers},
+             include_dashboard=True)
+
+
+def _stream(cfg: DadRecipeConfig, mode: str, out: Path, num_classes: int) -> ray.data.Dataset:
+    job = TeacherJob(mode=mode, teacher=cfg.teacher, vqgan=cfg.vqgan, dad=cfg.dad, augment=cfg.augment,
+                     seed=cfg.run.seed)
+    online = teacher_stream(read_raw(cfg.data.train_shards), job, cfg.pools.teacher)
+    if mode != "dad" or cfg.dad.mode == "online":
+        return online
+    shard_dir = out / "dad_shards"
+    if not (shard_dir / "manifest.json").is_file():  # generated once, reused by later epochs and runs
+        t0 = time.perf_counter()
+        n = write_offline(online, shard_dir, total=count_samples(cfg.data.train_shards), num_classes=num_classes)
+        (out / "offline_generation.json").write_text(json.dumps({"samples": n, "seconds": time.perf_counter() - t0}))
+    return offline_stream(shard_dir, batch_size=cfg.pools.teacher.batch_size)
+
+
+def train_method(cfg: DadRecipeConfig, method: str, num_classes: int) -> Path:
+    """Train one student with ``method``; returns the directory of its exported weights."""
+    out = run_dir(cfg)
+    mode, kind = METHODS[method]
+    kind = kind or ("dad_online" if cfg.dad.mode == "online" else "dad_offline")
+    stream = _stream(cfg, mode, out, num_classes)
+    world = cfg.pools.student.num_workers
+    steps = count_samples(cfg.data.train_shards) // (world * cfg.optim.micro_batch_size * cfg.optim.grad_accum)
+    if steps < 1:
+        raise ValueError("fewer training samples than one global batch: lower optim.micro_batch_size")
+    job = StudentJob(student=cfg.student, optim=cfg.optim, objective=dataclasses.replace(cfg.objective, kind=kind),
+                     epochs=cfg.run.epochs, steps_per_epoch=steps, run_dir=str(out / method),
+                     checkpoint_every=cfg.run.checkpoint_every, log_every=cfg.run.log_every)
+    limit = cfg.data.max_in_flight_mb * 2**20
+    if limit < 2 * batch_bytes(cfg.pools.teacher.batch_size, cfg.augment.crop_size, num_classes, with_dad=True):
+        raise ValueError("data.max_in_flight_mb holds fewer than two teacher batches; raise it or lower "
+                         "pools.teacher.batch_size")
+    storage = cfg.run.storage_path or str(out / "ray")
+    fit_students(job, stream, cfg.pools.student, name=f"{cfg.run.name}-{method}", storage_path=storage,
+                 max_failures=cfg.run.max_failures, execution=execution_options(limit))
+    return out / method
+
+
+def run(cfg: DadRecipeConfig, *, extra_models: dict[str, Path] | None = None) -> dict:
+    """Train every method's student, evaluate them (and ``extra_models``), write the report."""
+    num_classes = check_config(cfg)
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    start_ray(cfg.ray, cfg.pools)
+    # Progress comes from the students' step lines and the evaluation bar, not Ray Data's operator bars.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if cfg.ray.check_resources:
+        check_resources(cfg.pools)
+    models, costs = {}, {}
+    for method in cfg.run.methods:
+        t0 = time.perf_counter()
+        models[method] = train_method(cfg, method, num_classes)
+        costs[method] = time.perf_counter() - t0
+    models.update(extra_models or {})
+    return evaluate_models(models, cfg.data.test_shards, cfg.eval, pools=cfg.pools.teacher, out_dir=out, costs_s=costs)

@@ -1,0 +1,54 @@
+"""`ray job submit` against a real local head (`ray start --head`), token authentication on."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    # The job CLI reads the cluster's token from ~/.ray/auth_token (written by `ray start`) when
+    # RAY_AUTH_MODE=token; RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH work as well.
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    port, dash = _free_port(), _free_port()
+    subprocess.run([BIN / "ray", "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+                    "--num-cpus=4", '--resources={"teacher": 1, "student": 2}', "--disable-usage-stats",
+                    f"--temp-dir={tmp_path / 'ray'}"], env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield env, f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_job_submit_runs_the_local_preset(ray_head, tmp_path):
+    env, address = ray_head
+    out = tmp_path / "runs"
+    cmd = [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+           "python", "recipes/dad_imagenet.py", "preset=local", f"run.out_dir={out}", "run.methods=[ce]",
+           "run.epochs=1", "local.teacher.epochs=1", "local.vqgan_steps=5", "eval.corruptions=[gaussian_noise]",
+           "eval.severities=[5]"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "local" / "report.json").read_text())
+    assert set(report["models"]) == {"ce", "teacher"}
+    for entry in report["models"].values():
+        assert 0 <= entry["clean_acc"] <= 100 and len(entry["per_corruption"]["gaussian_noise"]) == 5
+    assert (out / "local" / "ce" / "student.safetensors").is_file()
+    assert (out / "local" / "config.yaml").is_file()

@@ -44,6 +44,8 @@ def corrupt(
         raise ValueError(f"severity must be 1..5, got {severity}")
     if x_BCHW.ndim != 4 or not x_BCHW.is_floating_point():
         raise ValueError(f"expected a float (B, C, H, W) batch in [0, 1], got {tuple(x_BCHW.shape)} {x_BCHW.dtype}")
+    if x_BCHW.shape[1] != 3:
+        raise ValueError(f"expected RGB images (3 channels), got {x_BCHW.shape[1]}; repeat grey images to 3 channels")
     out = _REGISTRY[name](x_BCHW.float(), severity, generator)
     return out.clamp_(0, 1).to(x_BCHW.dtype)
 

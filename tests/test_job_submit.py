@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,19 +23,28 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
     # The job CLI reads the cluster's token from ~/.ray/auth_token (written by `ray start`) when
     # RAY_AUTH_MODE=token; RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH work as well.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     port, dash = _free_port(), _free_port()
-    subprocess.run([BIN / "ray", "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-                    "--num-cpus=4", '--resources={"teacher": 1, "student": 2}', "--disable-usage-stats",
-                    f"--temp-dir={tmp_path / 'ray'}"], env=env, check=True, capture_output=True, timeout=180)
+    # --block keeps this head's processes under one parent: stopping it stops this cluster only
+    # (`ray stop` would also stop the other tests' cluster).
+    head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+                             "--num-cpus=4", '--resources={"teacher": 1, "student": 2}', "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield env, f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + 180
+        while subprocess.run([BIN / "ray", "job", "list", "--address", address], env=env,
+                             capture_output=True, timeout=60).returncode != 0:
+            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
+            time.sleep(2)
+        yield env, address
     finally:
-        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        head.terminate()
+        head.wait(timeout=120)
 
 
 def test_job_submit_runs_the_local_preset(ray_head, tmp_path):

@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from robust.eval.corruptions import ALL, corrupt
+from benchmarks.machine import machine
 from tests.reference_corruptions import photos, reference_corrupt
 
 RESULTS = Path(__file__).parent / "results" / "corruptions_speed.json"
@@ -29,20 +28,9 @@ TARGET_GEOMEAN, TARGET_GLASS = 20.0, 100.0
 
 
 def machine_info() -> dict:
-    """What the numbers were measured on."""
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return {
-        "cpu": cpu or platform.processor(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "imagecorruptions": version("imagecorruptions"),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    """What the numbers were measured on: the shared description plus this benchmark's libraries."""
+    return {**machine(), "torch_threads": torch.get_num_threads(), "numpy": np.__version__,
+            "imagecorruptions": version("imagecorruptions")}
 
 
 def _sync(device: torch.device) -> None:

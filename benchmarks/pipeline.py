@@ -57,7 +57,7 @@ def student_rate(run_dir: Path) -> float:
 def teacher_rate(cfg: DadRecipeConfig) -> float:
     job = TeacherJob(mode="dad", teacher=cfg.teacher, vqgan=cfg.vqgan, dad=cfg.dad, augment=cfg.augment)
     stream = teacher_stream(read_raw(cfg.data.train_shards), job, cfg.pools.teacher)
-    it = stream.iter_batches(batch_size=None)
+    it = iter(stream.iter_batches(batch_size=None))
     next(it)  # the first batch waits for the actor to build its models: not timed
     t0, count = time.perf_counter(), 0
     for batch in it:

@@ -54,7 +54,11 @@ def test_job_submit_runs_the_local_preset(ray_head, tmp_path):
            "python", "recipes/dad_imagenet.py", "preset=local", f"run.out_dir={out}", "run.methods=[ce]",
            "run.epochs=1", "local.teacher.epochs=1", "local.vqgan_steps=5", "eval.corruptions=[gaussian_noise]",
            "eval.severities=[5]"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    for _ in range(30):  # the head's job agent registers a few seconds after the dashboard answers
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent to submit job" not in done.stderr:
+            break
+        time.sleep(3)
     assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "local" / "report.json").read_text())
     assert set(report["models"]) == {"ce", "teacher"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ class RunSection:
 
 @dataclass
 class RayInitConfig:
-    address: str = ""  # "": the cluster of RAY_ADDRESS / `ray job submit`, else a new local one
+    address: str = ""  # "": the cluster in RAY_ADDRESS (set by `ray job submit`), else a new local one
     num_cpus: int = 0  # a new local cluster only; 0: Ray's default
     object_store_mb: int = 0
     check_resources: bool = True  # fail early when the pools ask for more than the cluster has
@@ -123,16 +124,13 @@ def check_resources(pools: PoolsConfig) -> None:
 def start_ray(cfg: RayInitConfig, pools: PoolsConfig) -> None:
     if ray.is_initialized():
         return
-    if cfg.address:
-        ray.init(address=cfg.address)
+    # An explicit address, or RAY_ADDRESS (which `ray job submit` sets for its driver): join that cluster.
+    # Never "auto": it would join whatever cluster this machine started last.
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.address or None)
         return
-    try:  # inside `ray job submit` or with RAY_ADDRESS set: join that cluster
-        ray.init(address="auto")
-        return
-    except ConnectionError:
-        pass
     # The dashboard hosts the state API that Ray Train's placement-group cleaner polls.
-    ray.init(num_cpus=cfg.num_cpus or None, object_store_memory=cfg.object_store_mb * 2**20 or None,
+    ray.init(address="local", num_cpus=cfg.num_cpus or None, object_store_memory=cfg.object_store_mb * 2**20 or None,
              resources={TEACHER_RESOURCE: pools.teacher.max_actors, STUDENT_RESOURCE: pools.student.num_workers},
              include_dashboard=True)
 

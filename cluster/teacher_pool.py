@@ -91,7 +91,7 @@ class TeacherWorker:
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, valid = self._decode(rows)
-        x_BCHW = torch.stack([self.augment(torch.from_numpy(im).permute(2, 0, 1)) for im in images])
+        x_BCHW = torch.stack([self.augment(torch.from_numpy(np.array(im)).permute(2, 0, 1)) for im in images])
         x_BCHW = x_BCHW.to(self.device).float().div_(255)
         labels = np.array([int(c) for c in rows["cls"]], dtype=np.int64)
         out = {"key": np.asarray(rows["__key__"]), "label": labels, "valid": valid,

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from robust.models.normalize import NormalizedModel
+from robust.models.weights import load_strict
 
 
 @dataclass
@@ -70,20 +71,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         state_dict = timm.models.load_state_dict(str(path), use_ema=False, weights_only=True)
     except RuntimeError as err:  # timm refuses pickled non-tensor objects (weights_only)
         raise ValueError(f"checkpoint {str(path)!r} holds more than tensors: {err}") from None
-    try:
-        result = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {err}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"checkpoint {str(path)!r} does not match {type(model).__name__}: "
-            f"missing keys {_preview(result.missing_keys)}, unexpected keys {_preview(result.unexpected_keys)}; "
-            "check the model name and num_classes"
-        )
-
-
-def _preview(keys: list[str], n: int = 8) -> str:
-    return str(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+    load_strict(model, state_dict, source=f"checkpoint {str(path)!r}", hint="check the model name and num_classes")
 
 
 def export_timm(model: NormalizedModel, cfg: TimmConfig, out_dir: str | Path, *, stem: str = "student") -> Path:

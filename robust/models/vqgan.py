@@ -18,6 +18,8 @@ from taming.modules.diffusionmodules.model import Decoder, Encoder
 from taming.modules.vqvae.quantize import VectorQuantizer2
 from torch import nn
 
+from robust.models.weights import load_strict
+
 _DDCONFIG_FIELDS = (
     "double_z", "z_channels", "resolution", "in_channels", "out_ch",
     "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
@@ -131,15 +133,8 @@ def build_vqgan(cfg: VQGANConfig, *, device: str | torch.device = "cpu") -> VQGA
 def load_vqgan_weights(vqgan: VQGAN, path: str | Path) -> None:
     """Load a taming checkpoint strictly, ignoring its ``loss.*`` (discriminator, LPIPS) entries."""
     state_dict = {k: v for k, v in read_state_dict(path).items() if not k.startswith("loss.")}
-    try:
-        result = vqgan.load_state_dict(state_dict, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"VQGAN checkpoint {str(path)!r} does not fit the config: {err}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"VQGAN checkpoint {str(path)!r} does not match the config: missing {result.missing_keys[:8]}, "
-            f"unexpected {result.unexpected_keys[:8]}; pick the preset the checkpoint was trained with"
-        )
+    load_strict(vqgan, state_dict, source=f"VQGAN checkpoint {str(path)!r}",
+                hint="pick the preset the checkpoint was trained with")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import sys
 import threading
 import time
@@ -48,10 +47,10 @@ class StoreSampler(threading.Thread):
 
 
 def student_rate(run_dir: Path) -> float:
-    """Median samples/s over the logged windows after the first (which holds the pipeline's start)."""
+    """Samples per second over every logged window but the run's first (which holds the pools' start)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r][1:]
-    return statistics.median(rates)
+    windows = [r for r in rows if "window_s" in r][1:]
+    return sum(r["samples"] for r in windows) / sum(r["window_s"] for r in windows)
 
 
 def teacher_rate(cfg: DadRecipeConfig) -> float:
@@ -68,7 +67,7 @@ def teacher_rate(cfg: DadRecipeConfig) -> float:
 def main(argv: list[str]) -> None:
     _, _, overrides = split_cli(argv)
     cfg = load_config(DadRecipeConfig, presets=[LOCAL_PRESET], overrides=["run.name=bench", "run.epochs=2",
-                                                                         "run.log_every=3", *overrides])
+                                                                         "run.log_every=2", *overrides])
     prepare_local(cfg)
     start_ray(cfg.ray, cfg.pools)
     ray.data.DataContext.get_current().enable_progress_bars = False

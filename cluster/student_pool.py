@@ -119,7 +119,8 @@ def _log(window: _Window, state: TrainState, engine, job: StudentJob, rank: int)
     dt = time.perf_counter() - window.t0
     row = {"epoch": state.epoch, "step": state.step, "lr": engine.get_lr()[0],
            **{k: v / max(n, 1) for k, v in zip(keys, totals[3:])},
-           "samples_per_s": samples / max(dt, 1e-9), "corrupt_skipped": int(corrupt),
+           "samples": int(samples), "window_s": dt, "samples_per_s": samples / max(dt, 1e-9),
+           "corrupt_skipped": int(corrupt),
            "teacher_actors_active": len(window.teachers)}
     if rank == 0:
         with open(Path(job.run_dir) / "metrics.jsonl", "a") as f:

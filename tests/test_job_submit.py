@@ -28,10 +28,11 @@ def ray_head():
     # RAY_AUTH_MODE=token; RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH work as well.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     # --block keeps this head's processes under one parent: stopping it stops this cluster only
     # (`ray stop` would also stop the other tests' cluster).
     head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+                             f"--dashboard-agent-listen-port={agent}",
                              "--num-cpus=4", '--resources={"teacher": 1, "student": 2}', "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash}"
@@ -54,7 +55,7 @@ def test_job_submit_runs_the_local_preset(ray_head, tmp_path):
            "python", "recipes/dad_imagenet.py", "preset=local", f"run.out_dir={out}", "run.methods=[ce]",
            "run.epochs=1", "local.teacher.epochs=1", "local.vqgan_steps=5", "eval.corruptions=[gaussian_noise]",
            "eval.severities=[5]"]
-    for _ in range(30):  # the head's job agent registers a few seconds after the dashboard answers
+    for _ in range(10):  # the head's job agent registers a few seconds after the dashboard answers
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if "No available agent to submit job" not in done.stderr:
             break

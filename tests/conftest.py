@@ -20,7 +20,7 @@ def ray_local():
     """One local Ray cluster for the session: 4 logical CPUs, 2 teacher and 2 student slots."""
     import ray
 
-    ray.init(num_cpus=4, resources={"teacher": 2, "student": 2}, object_store_memory=400 * 2**20,
+    ray.init(address="local", num_cpus=4, resources={"teacher": 2, "student": 2}, object_store_memory=400 * 2**20,
              include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

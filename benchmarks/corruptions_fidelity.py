@@ -15,7 +15,6 @@ output is truncated to uint8 like the reference's. Per corruption, severity and 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from benchmarks.corruptions_speed import machine_info
+from benchmarks.machine import save_result
 from robust.eval.corruptions import ALL, corrupt
 from tests.reference_corruptions import (
     DETERMINISTIC, digits, photos, psnr, quantize_like_reference, reference_corrupt,
@@ -145,9 +145,7 @@ def main() -> None:
     print(HEADER)
     result = run(n_photos=args.n_photos, n_digits=args.n_digits, names=args.names)
     print(f"clean digits accuracy {100 * result['clean_acc']:.1f}; runtime {result['runtime_s']:.0f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    save_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from robust.eval.corruptions import ALL, corrupt
-from benchmarks.machine import machine
+from benchmarks.machine import machine, save_result
 from tests.reference_corruptions import photos, reference_corrupt
 
 RESULTS = Path(__file__).parent / "results" / "corruptions_speed.json"
@@ -120,9 +120,7 @@ def main() -> None:
     print(json.dumps(result["summary"], indent=1))
     for name, err in result["errors"].items():
         print(f"not measured: {name}: {err}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    save_result(args.out, result)
 
 
 if __name__ == "__main__":

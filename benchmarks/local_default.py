@@ -23,7 +23,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import machine  # noqa: E402
+from benchmarks.machine import machine, save_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results" / "local_default.json"
@@ -67,9 +67,8 @@ def main(overrides: list[str]) -> None:
               for name, e in report["models"].items()}
     results = {"machine": machine(), "overrides": overrides, "cold": cold, "warm": warm, "models": models,
                "targets": {"cold_wall_s": 600, "peak_pss_gib": 8}}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
+    save_result(OUT, results)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray  # noqa: E402
 
-from benchmarks.machine import machine  # noqa: E402
+from benchmarks.machine import machine, save_result  # noqa: E402
 from cluster.dad_run import DadRecipeConfig, start_ray, train_method  # noqa: E402
 from cluster.local import LOCAL_PRESET, prepare_local  # noqa: E402
 from cluster.pipeline import count_samples, read_raw, write_offline  # noqa: E402
@@ -97,9 +97,8 @@ def main(argv: list[str]) -> None:
     results["full_over_slower_stage"] = results["full_samples_per_s"] / slower
     results["online_epoch_s"] = n / results["full_samples_per_s"]
     results["offline_epoch_s"] = n / results["student_alone_samples_per_s"]
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
+    save_result(OUT, results)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,13 @@ from cluster.config import STUDENT_RESOURCE, TEACHER_RESOURCE, PoolsConfig
 from cluster.deepspeed_config import OptimConfig, validate_optim
 from cluster.evaluate import EvalConfig, evaluate_models
 from cluster.local import LocalConfig
-from cluster.pipeline import batch_bytes, count_samples, execution_options, offline_stream, read_raw, write_offline
+from cluster.pipeline import (
+    ResumePoint, batch_bytes, count_samples, execution_options, offline_stream, read_raw, shard_manifest, write_offline,
+)  # fmt: skip
 from cluster.student_pool import StudentJob, fit_students
 from cluster.teacher_pool import AugmentConfig, TeacherConfig, TeacherJob, teacher_stream
 from robust.attacks.dad import DADConfig
 from robust.config import save_config
-from robust.data.shards import read_manifest
 from robust.losses.objectives import ObjectiveConfig
 from robust.models.timm_models import TimmConfig
 from robust.models.vqgan import VQGANConfig
@@ -34,7 +35,7 @@ METHODS = {"ce": ("ce", "ce"), "kd": ("kd", "kd"), "dad": ("dad", None)}  # meth
 
 @dataclass
 class DataConfig:
-    train_shards: str = ""  # shard dir with manifest.json (robust-distill data convert), or a remote URI
+    train_shards: str = ""  # shard dir with manifest.json (robust-distill data convert), on a path every node sees
     test_shards: str = ""  # evaluated clean and under the corruption suite
     max_in_flight_mb: int = 1024  # object-store bytes the teacher pool may run ahead of the students
 
@@ -97,14 +98,14 @@ def check_config(cfg: DadRecipeConfig) -> int:
     if cfg.dad.mode not in ("online", "offline"):
         raise ValueError(f"dad.mode must be 'online' or 'offline', got {cfg.dad.mode!r}")
     validate_optim(cfg.optim)
-    manifest = read_manifest(cfg.data.train_shards)  # also fails early on a missing path
+    manifest = shard_manifest(cfg.data.train_shards)  # also fails early on a missing path
     num_classes = manifest.num_classes or cfg.student.num_classes
     teacher_classes = (len(cfg.teacher.clip.class_names) or 1000) if cfg.teacher.kind == "clip" else cfg.teacher.timm.num_classes
     if cfg.student.num_classes != num_classes or teacher_classes != num_classes:
         raise ValueError(f"class counts differ: data {num_classes}, teacher {teacher_classes}, student "
                          f"{cfg.student.num_classes}; set student.num_classes / the teacher's classes to match")
     if cfg.data.test_shards:
-        read_manifest(cfg.data.test_shards)
+        shard_manifest(cfg.data.test_shards)
     return num_classes
 
 
@@ -135,18 +136,20 @@ def start_ray(cfg: RayInitConfig, pools: PoolsConfig) -> None:
              include_dashboard=True)
 
 
-def _stream(cfg: DadRecipeConfig, mode: str, out: Path, num_classes: int) -> ray.data.Dataset:
+def _stream(cfg: DadRecipeConfig, mode: str, out: Path, num_classes: int, resume: ray.actor.ActorHandle) -> ray.data.Dataset:
     job = TeacherJob(mode=mode, teacher=cfg.teacher, vqgan=cfg.vqgan, dad=cfg.dad, augment=cfg.augment,
                      seed=cfg.run.seed)
-    online = teacher_stream(read_raw(cfg.data.train_shards), job, cfg.pools.teacher)
     if mode != "dad" or cfg.dad.mode == "online":
-        return online
+        raw = read_raw(cfg.data.train_shards, epochs=cfg.run.epochs, seed=cfg.run.seed, resume=resume)
+        return teacher_stream(raw, job, cfg.pools.teacher)
     shard_dir = out / "dad_shards"
     if not (shard_dir / "manifest.json").is_file():  # generated once, reused by later epochs and runs
         t0 = time.perf_counter()
-        n = write_offline(online, shard_dir, total=count_samples(cfg.data.train_shards), num_classes=num_classes)
+        once = teacher_stream(read_raw(cfg.data.train_shards, seed=cfg.run.seed), job, cfg.pools.teacher)
+        n = write_offline(once, shard_dir, total=count_samples(cfg.data.train_shards), num_classes=num_classes)
         (out / "offline_generation.json").write_text(json.dumps({"samples": n, "seconds": time.perf_counter() - t0}))
-    return offline_stream(shard_dir, batch_size=cfg.pools.teacher.batch_size)
+    return offline_stream(shard_dir, batch_size=cfg.pools.teacher.batch_size, epochs=cfg.run.epochs,
+                          seed=cfg.run.seed, resume=resume)
 
 
 def train_method(cfg: DadRecipeConfig, method: str, num_classes: int) -> Path:
@@ -154,14 +157,15 @@ def train_method(cfg: DadRecipeConfig, method: str, num_classes: int) -> Path:
     out = run_dir(cfg)
     mode, kind = METHODS[method]
     kind = kind or ("dad_online" if cfg.dad.mode == "online" else "dad_offline")
-    stream = _stream(cfg, mode, out, num_classes)
+    resume = ResumePoint.remote()
+    stream = _stream(cfg, mode, out, num_classes, resume)
     world = cfg.pools.student.num_workers
     steps = count_samples(cfg.data.train_shards) // (world * cfg.optim.micro_batch_size * cfg.optim.grad_accum)
     if steps < 1:
         raise ValueError("fewer training samples than one global batch: lower optim.micro_batch_size")
     job = StudentJob(student=cfg.student, optim=cfg.optim, objective=dataclasses.replace(cfg.objective, kind=kind),
                      epochs=cfg.run.epochs, steps_per_epoch=steps, run_dir=str(out / method),
-                     checkpoint_every=cfg.run.checkpoint_every, log_every=cfg.run.log_every)
+                     checkpoint_every=cfg.run.checkpoint_every, log_every=cfg.run.log_every, resume=resume)
     limit = cfg.data.max_in_flight_mb * 2**20
     if limit < 2 * batch_bytes(cfg.pools.teacher.batch_size, cfg.augment.crop_size, num_classes, with_dad=True):
         raise ValueError("data.max_in_flight_mb holds fewer than two teacher batches; raise it or lower "

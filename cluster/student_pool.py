@@ -48,7 +48,9 @@ class StudentJob:
     checkpoint_every: int = 200
     log_every: int = 10
     export_stem: str = "student"
-    # Test hooks: the rank that exits once at this global step (0: never), and a file of seen ids.
+    resume: ray.actor.ActorHandle | None = None  # cluster.pipeline.ResumePoint shared with the read tasks
+    # Test hooks: the rank that exits once at this global step (0: never), and a file of the
+    # (epoch, key, teacher pid) of every sample trained on.
     fail_at_step: int = 0
     record_ids: bool = False
 
@@ -175,46 +177,52 @@ def train_loop(config: dict) -> None:
     # ZeRO <= 2 keeps full parameters on every rank, so every rank's EMA is the same (validate_optim).
     ema = ModelEmaV3(engine.module, decay=job.optim.ema_decay) if job.optim.ema_decay else None
     state = _restore(engine, ema)
+    if job.resume is not None:  # the read tasks skip the epochs before this one (set before reading)
+        ray.get(job.resume.set.remote(state.epoch))
     micro_per_epoch = job.steps_per_epoch * job.optim.grad_accum
     shard = ray.train.get_dataset_shard("train")
     ids_file = Path(job.run_dir) / f"seen_ids.rank{rank}.txt" if job.record_ids else None
-    for epoch in range(state.epoch, job.epochs):
-        state.epoch, window = epoch, _Window()
-        engine.train()
-        # Every rank reads its whole shard (equal split) so the streaming split stays in lock-step;
-        # micro-batches before the resumed data position or past the epoch's step count are skipped.
-        for i, batch in enumerate(shard.iter_batches(batch_size=job.optim.micro_batch_size, drop_last=True)):
-            if i < state.micro_in_epoch or i >= micro_per_epoch:
-                continue
-            terms = _micro_step(engine, job, batch)
-            state.micro_in_epoch = i + 1
-            n_valid = int(batch["valid"].sum())
-            state.samples += n_valid
-            state.corrupt += len(batch["valid"]) - n_valid
-            window.n += 1
-            window.samples += n_valid
-            window.corrupt += len(batch["valid"]) - n_valid
-            window.teachers.update(np.unique(batch["teacher_pid"]).tolist())
-            for k, v in terms.items():
-                window.sums[k] = window.sums.get(k, 0.0) + float(v)
-            if ids_file is not None:
-                with open(ids_file, "a") as f:
-                    f.write("".join(f"{epoch} {k}\n" for k in batch["key"][batch["valid"]]))
-            if state.micro_in_epoch % job.optim.grad_accum:
-                continue
-            state.step += 1
-            if ema is not None:
-                ema.update(engine.module, step=state.step)
-            if job.fail_at_step and state.step == job.fail_at_step and rank == world - 1:
-                _fail_once(job)
-            if state.step % job.log_every == 0 or state.step % job.checkpoint_every == 0:
-                row = _log(window, state, engine, job, rank)
-                window = _Window()
-                if state.step % job.checkpoint_every == 0:
-                    _save(engine, ema, state, row)
-        row = _log(window, state, engine, job, rank) if window.n else {"epoch": epoch, "step": state.step}
-        state.micro_in_epoch, state.epoch = 0, epoch + 1
-        _save(engine, ema, state, row)
+    # All epochs are one stream; an epoch is micro_per_epoch micro-batches on every rank (ZeRO ranks step
+    # in lock-step). The stream starts at the resumed epoch; the first micro_in_epoch micro-batches are
+    # the ones done before the checkpoint. Rows past the last step are left unread.
+    batches = iter(shard.iter_batches(batch_size=job.optim.micro_batch_size, drop_last=True))
+    for _ in range(state.micro_in_epoch):
+        next(batches, None)
+    window = _Window()
+    engine.train()
+    while state.epoch < job.epochs:
+        batch = next(batches, None)
+        assert batch is not None, "the stream ended before the last step: steps_per_epoch too large"
+        terms = _micro_step(engine, job, batch)
+        state.micro_in_epoch += 1
+        n_valid = int(batch["valid"].sum())
+        state.samples += n_valid
+        state.corrupt += len(batch["valid"]) - n_valid
+        window.n += 1
+        window.samples += n_valid
+        window.corrupt += len(batch["valid"]) - n_valid
+        window.teachers.update(np.unique(batch["teacher_pid"]).tolist())
+        for k, v in terms.items():
+            window.sums[k] = window.sums.get(k, 0.0) + float(v)
+        if ids_file is not None:
+            with open(ids_file, "a") as f:
+                f.write("".join(f"{e} {k} {p}\n" for e, k, p, v in zip(
+                    batch["epoch"], batch["key"], batch["teacher_pid"], batch["valid"]) if v))
+        if state.micro_in_epoch % job.optim.grad_accum:
+            continue
+        state.step += 1
+        if ema is not None:
+            ema.update(engine.module, step=state.step)
+        if job.fail_at_step and state.step == job.fail_at_step and rank == world - 1:
+            _fail_once(job)
+        epoch_done = state.micro_in_epoch == micro_per_epoch
+        if epoch_done or state.step % job.log_every == 0 or state.step % job.checkpoint_every == 0:
+            row = _log(window, state, engine, job, rank)
+            window = _Window()
+            if epoch_done:
+                state.micro_in_epoch, state.epoch = 0, state.epoch + 1
+            if epoch_done or state.step % job.checkpoint_every == 0:
+                _save(engine, ema, state, row)
     full = _full_state_dict(engine) if ema is None else ema.module.state_dict()
     if rank == 0:
         model.load_state_dict(full)

@@ -94,7 +94,7 @@ class TeacherWorker:
         x_BCHW = torch.stack([self.augment(torch.from_numpy(np.array(im)).permute(2, 0, 1)) for im in images])
         x_BCHW = x_BCHW.to(self.device).float().div_(255)
         labels = np.array([int(c) for c in rows["cls"]], dtype=np.int64)
-        out = {"key": np.asarray(rows["__key__"]), "label": labels, "valid": valid,
+        out = {"key": np.asarray(rows["__key__"]), "epoch": np.asarray(rows["epoch"]), "label": labels, "valid": valid,
                "image": _to_uint8_BHWC(x_BCHW), "teacher_pid": np.full(len(labels), os.getpid())}
         if self.teacher is None:
             return out

@@ -153,11 +153,16 @@ def read_manifest(shard_dir: str | Path) -> Manifest:
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
         raise ValueError(f"no {MANIFEST} in {shard_dir}; write the shards with write_shards or index_shards")
+    return parse_manifest(path.read_text(), where=str(path))
+
+
+def parse_manifest(text: str, *, where: str) -> Manifest:
+    """A manifest from its JSON text; ValueError (naming ``where``) when malformed."""
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(text)
         return Manifest(**{**raw, "shards": [ShardInfo(**s) for s in raw["shards"]]})
     except (json.JSONDecodeError, TypeError, KeyError) as err:
-        raise ValueError(f"{path} is not a valid shard manifest ({err}); rebuild it with index_shards") from None
+        raise ValueError(f"{where} is not a valid shard manifest ({err}); rebuild it with index_shards") from None
 
 
 def verify_manifest(shard_dir: str | Path) -> Manifest:

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402
 
 from benchmarks.machine import machine, save_result  # noqa: E402
-from cluster.dad_run import DadRecipeConfig, start_ray, train_method  # noqa: E402
+from cluster.dad_run import DadRecipeConfig, train_method  # noqa: E402
+from cluster.ray_init import start_ray  # noqa: E402
 from cluster.local import LOCAL_PRESET, prepare_local  # noqa: E402
 from cluster.pipeline import count_samples, read_raw, write_offline  # noqa: E402
 from cluster.teacher_pool import TeacherJob, teacher_stream  # noqa: E402

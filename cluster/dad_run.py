@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
-from cluster.config import STUDENT_RESOURCE, TEACHER_RESOURCE, PoolsConfig
+from cluster.config import PoolsConfig
+from cluster.ray_init import DataConfig, RayInitConfig, check_resources, start_ray
 from cluster.deepspeed_config import OptimConfig, validate_optim
 from cluster.evaluate import EvalConfig, evaluate_models
 from cluster.local import LocalConfig
@@ -23,6 +23,7 @@ from cluster.pipeline import (
     ResumePoint, batch_bytes, count_samples, execution_options, offline_stream, read_raw, shard_manifest, write_offline,
 )  # fmt: skip
 from cluster.student_pool import StudentJob, fit_students
+from cluster.student_tasks import DistillTask
 from cluster.teacher_pool import AugmentConfig, TeacherConfig, TeacherJob, teacher_stream
 from robust.attacks.dad import DADConfig
 from robust.config import save_config
@@ -31,13 +32,6 @@ from robust.models.timm_models import TimmConfig
 from robust.models.vqgan import VQGANConfig
 
 METHODS = {"ce": ("ce", "ce"), "kd": ("kd", "kd"), "dad": ("dad", None)}  # method -> (pool mode, objective)
-
-
-@dataclass
-class DataConfig:
-    train_shards: str = ""  # shard dir with manifest.json (robust-distill data convert), on a path every node sees
-    test_shards: str = ""  # evaluated clean and under the corruption suite
-    max_in_flight_mb: int = 1024  # object-store bytes the teacher pool may run ahead of the students
 
 
 @dataclass
@@ -56,14 +50,6 @@ class RunSection:
     log_every: int = 20
     max_failures: int = 3
     seed: int = 0
-
-
-@dataclass
-class RayInitConfig:
-    address: str = ""  # "": the cluster in RAY_ADDRESS (set by `ray job submit`), else a new local one
-    num_cpus: int = 0  # a new local cluster only; 0: Ray's default
-    object_store_mb: int = 0
-    check_resources: bool = True  # fail early when the pools ask for more than the cluster has
 
 
 @dataclass
@@ -109,33 +95,6 @@ def check_config(cfg: DadRecipeConfig) -> int:
     return num_classes
 
 
-def check_resources(pools: PoolsConfig) -> None:
-    """An impossible pool size fails here, before any actor or worker starts."""
-    have = ray.cluster_resources()
-    need = {TEACHER_RESOURCE: pools.teacher.min_actors, STUDENT_RESOURCE: pools.student.num_workers,
-            "GPU": pools.teacher.min_actors * pools.teacher.gpus_per_actor
-            + pools.student.num_workers * pools.student.gpus_per_worker}
-    short = {k: (v, have.get(k, 0)) for k, v in need.items() if v > have.get(k, 0)}
-    if short:
-        detail = ", ".join(f"{k}: need {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
-        raise ValueError(f"the pools ask for more than the cluster has ({detail}); lower pools.teacher.min_actors "
-                         "/ pools.student.num_workers or add nodes with those resources")
-
-
-def start_ray(cfg: RayInitConfig, pools: PoolsConfig) -> None:
-    if ray.is_initialized():
-        return
-    # An explicit address, or RAY_ADDRESS (which `ray job submit` sets for its driver): join that cluster.
-    # Never "auto": it would join whatever cluster this machine started last.
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.address or None)
-        return
-    # The dashboard hosts the state API that Ray Train's placement-group cleaner polls.
-    ray.init(address="local", num_cpus=cfg.num_cpus or None, object_store_memory=cfg.object_store_mb * 2**20 or None,
-             resources={TEACHER_RESOURCE: pools.teacher.max_actors, STUDENT_RESOURCE: pools.student.num_workers},
-             include_dashboard=True)
-
-
 def _stream(cfg: DadRecipeConfig, mode: str, out: Path, num_classes: int, resume: ray.actor.ActorHandle) -> ray.data.Dataset:
     job = TeacherJob(mode=mode, teacher=cfg.teacher, vqgan=cfg.vqgan, dad=cfg.dad, augment=cfg.augment,
                      seed=cfg.run.seed)
@@ -163,7 +122,7 @@ def train_method(cfg: DadRecipeConfig, method: str, num_classes: int) -> Path:
     steps = count_samples(cfg.data.train_shards) // (world * cfg.optim.micro_batch_size * cfg.optim.grad_accum)
     if steps < 1:
         raise ValueError("fewer training samples than one global batch: lower optim.micro_batch_size")
-    job = StudentJob(student=cfg.student, optim=cfg.optim, objective=dataclasses.replace(cfg.objective, kind=kind),
+    job = StudentJob(task=DistillTask(cfg.student, dataclasses.replace(cfg.objective, kind=kind)), optim=cfg.optim,
                      epochs=cfg.run.epochs, steps_per_epoch=steps, run_dir=str(out / method),
                      checkpoint_every=cfg.run.checkpoint_every, log_every=cfg.run.log_every, resume=resume)
     limit = cfg.data.max_in_flight_mb * 2**20

@@ -27,7 +27,8 @@ from robust.teacher_train import TeacherTrainConfig, cached_teacher
 class LocalConfig:
     """The cached stages of ``preset=local`` (ignored otherwise)."""
 
-    teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+    # SPEC 4's local reference teacher: AugMix + JSD only (DeepAugment is the RPT preset's default)
+    teacher: TeacherTrainConfig = field(default_factory=lambda: TeacherTrainConfig(augmentations=["augmix"]))
     vqgan: VQGANTrainConfig = field(default_factory=VQGANTrainConfig)
     vqgan_steps: int = 600
     vqgan_threads: int = 1

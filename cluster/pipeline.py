@@ -16,15 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from PIL import Image
 from pyarrow import fs as pafs
 from ray.data import ExecutionOptions, ExecutionResources
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from robust.data.shards import (
-    DAD_IMAGE, DAD_LOGITS, LOGITS, MANIFEST, Manifest, decode_image, make_sample, parse_manifest, read_manifest,
-    resolve_shards, write_shards,
+    DAD_IMAGE, DAD_LOGITS, LOGITS, MANIFEST, Manifest, decode_image, encode_png, make_sample, parse_manifest,
+    read_manifest, resolve_shards, write_shards,
 )  # fmt: skip
 
 
@@ -70,7 +69,9 @@ def count_samples(source: str) -> int:
     return shard_manifest(source).total
 
 
-def _shard_urls(source: str) -> list[str]:
+def _shard_urls(source: str | list[str]) -> list[str]:
+    if isinstance(source, list):  # several shard sets streamed as one (e.g. the data and its DeepAugment copy)
+        return [url for s in source for url in _shard_urls(s)]
     if not _is_remote(source):
         return [str(p) for p in resolve_shards(source)]
     return [f"{source.rstrip('/')}/{s.name}" for s in shard_manifest(source).shards]
@@ -108,7 +109,7 @@ def _columns(rows: list[dict], epoch: int) -> dict[str, np.ndarray]:
     return out
 
 
-def read_raw(source: str, *, epochs: int = 1, shuffle: bool = True, seed: int = 0,
+def read_raw(source: str | list[str], *, epochs: int = 1, shuffle: bool = True, seed: int = 0,
              resume: ray.actor.ActorHandle | None = None) -> ray.data.Dataset:
     """Raw webdataset rows (bytes per field, plus ``epoch``) of ``epochs`` passes over a shard set.
 
@@ -134,18 +135,14 @@ def execution_options(max_bytes_in_flight: int) -> ExecutionOptions:
     return ExecutionOptions(resource_limits=ExecutionResources(object_store_memory=max_bytes_in_flight))
 
 
-def _png(x_HWC: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(x_HWC, "RGB").save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
 
 def _offline_samples(stream: ray.data.Dataset, total: int) -> Iterator[dict]:
     bar = tqdm(total=total, desc="offline DAD generation", unit="img")
     for batch in stream.iter_batches(batch_size=None):
         for i in np.flatnonzero(batch["valid"]):
-            yield make_sample(str(batch["key"][i]), _png(batch["image"][i]), int(batch["label"][i]),
-                              logits=batch["teacher_logits"][i], dad_image=_png(batch["dad_image"][i]),
+            yield make_sample(str(batch["key"][i]), encode_png(batch["image"][i], compress_level=1),
+                              int(batch["label"][i]), logits=batch["teacher_logits"][i],
+                              dad_image=encode_png(batch["dad_image"][i], compress_level=1),
                               dad_logits=batch["dad_teacher_logits"][i])
         bar.update(len(batch["key"]))
     bar.close()

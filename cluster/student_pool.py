@@ -28,8 +28,7 @@ from cluster.config import STUDENT_RESOURCE, StudentPoolConfig
 from cluster.deepspeed_config import OptimConfig, deepspeed_config
 from timm.utils import ModelEmaV3
 
-from robust.losses.objectives import ObjectiveConfig, objective
-from robust.models.timm_models import TimmConfig, build_timm, export_timm
+from cluster.student_tasks import StudentTask
 
 CKPT_TAG = "ckpt"
 EMA_FILE = "ema.pt"
@@ -39,9 +38,8 @@ EMA_FILE = "ema.pt"
 class StudentJob:
     """Everything a worker needs; picklable, built by the recipe from its typed config."""
 
-    student: TimmConfig
+    task: StudentTask  # what is trained on each batch: cluster.student_tasks
     optim: OptimConfig
-    objective: ObjectiveConfig
     epochs: int
     steps_per_epoch: int  # optimizer steps per epoch, identical on every rank (ZeRO needs lock-step)
     run_dir: str  # metrics.jsonl and the exported student go here
@@ -74,34 +72,19 @@ class _Window:
     t0: float = field(default_factory=time.perf_counter)
 
 
-def _to_images(x_BHWC: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.array(x_BHWC)).to(device).permute(0, 3, 1, 2).float().div_(255)
-
-
-def _logits(engine, x_BCHW: torch.Tensor) -> torch.Tensor:
-    return engine(x_BCHW.to(dtype=torch.bfloat16) if engine.bfloat16_enabled() else x_BCHW).float()
-
-
-def _micro_step(engine, job: StudentJob, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    dev = engine.device
-    valid = torch.as_tensor(np.array(batch["valid"]), device=dev)
-    if not bool(valid.any()):  # a batch of only corrupt samples still steps, with zero loss, for lock-step
+def _micro_step(engine, task: StudentTask, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    valid = np.asarray(batch["valid"])
+    if not valid.any():  # a batch of only corrupt samples still steps, with zero loss, for lock-step
         loss = sum(p.sum() * 0 for p in engine.module.parameters() if p.requires_grad)
         engine.backward(loss)
         engine.step()
-        return {"loss": torch.zeros((), device=dev)}
-    keep = valid.nonzero().squeeze(1)
-    x = _to_images(batch["image"], dev)[keep]
-    y = torch.as_tensor(np.array(batch["label"]), device=dev)[keep]
-    has_adv = "dad_image" in batch
-    s_all = _logits(engine, torch.cat([x, _to_images(batch["dad_image"], dev)[keep]]) if has_adv else x)
-    s, s_adv = (s_all[: len(x)], s_all[len(x):]) if has_adv else (s_all, None)
+        return {"loss": torch.zeros((), device=engine.device)}
+    rows = {k: np.asarray(v)[valid] for k, v in batch.items()}
 
-    def opt(name: str) -> torch.Tensor | None:
-        return torch.as_tensor(np.array(batch[name]), device=dev)[keep] if name in batch else None
+    def forward(x: torch.Tensor):
+        return engine(x.to(dtype=torch.bfloat16) if engine.bfloat16_enabled() and x.is_floating_point() else x)
 
-    loss, terms = objective(job.objective, student_logits=s, y=y, teacher_logits=opt("teacher_logits"),
-                            student_adv_logits=s_adv, teacher_adv_logits=opt("dad_teacher_logits"))
+    loss, terms = task.loss(forward, rows, device=engine.device)
     engine.backward(loss)
     engine.step()
     return terms
@@ -169,7 +152,7 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(1234 + rank)
-    model = build_timm(job.student)
+    model = job.task.build()
     ds_cfg = deepspeed_config(job.optim, world_size=world, total_steps=job.epochs * job.steps_per_epoch,
                               on_gpu=torch.cuda.is_available())
     engine, *_ = deepspeed.initialize(model=model, config=ds_cfg, dist_init_required=False,
@@ -193,7 +176,7 @@ def train_loop(config: dict) -> None:
     while state.epoch < job.epochs:
         batch = next(batches, None)
         assert batch is not None, "the stream ended before the last step: steps_per_epoch too large"
-        terms = _micro_step(engine, job, batch)
+        terms = _micro_step(engine, job.task, batch)
         state.micro_in_epoch += 1
         n_valid = int(batch["valid"].sum())
         state.samples += n_valid
@@ -226,7 +209,7 @@ def train_loop(config: dict) -> None:
     full = _full_state_dict(engine) if ema is None else ema.module.state_dict()
     if rank == 0:
         model.load_state_dict(full)
-        export_timm(model, job.student, job.run_dir, stem=job.export_stem)
+        job.task.export(model, job.run_dir, stem=job.export_stem)
 
 
 def _fail_once(job: StudentJob) -> None:

@@ -65,14 +65,14 @@ def build_teacher(cfg: TeacherConfig, *, device: torch.device) -> torch.nn.Modul
     raise ValueError(f"teacher.kind must be 'clip' or 'timm', got {cfg.kind!r}")
 
 
-def _augment(cfg: AugmentConfig) -> v2.Transform:
+def crop_transform(cfg: AugmentConfig) -> v2.Transform:
     steps = [v2.RandomResizedCrop(cfg.crop_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), antialias=True)]
     if cfg.hflip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps)
 
 
-def _to_uint8_BHWC(x_BCHW: torch.Tensor) -> np.ndarray:
+def to_uint8_BHWC(x_BCHW: torch.Tensor) -> np.ndarray:
     return x_BCHW.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -84,7 +84,7 @@ class TeacherWorker:
             raise ValueError(f"teacher pool mode must be one of {MODES}, got {job.mode!r}")
         self.job = job
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.augment = _augment(job.augment)
+        self.augment = crop_transform(job.augment)
         self.generator = torch.Generator(self.device).manual_seed(job.seed * 100_003 + os.getpid())
         self.teacher = build_teacher(job.teacher, device=self.device) if job.mode != "ce" else None
         self.vqgan = build_vqgan(job.vqgan, device=self.device) if job.mode == "dad" else None
@@ -95,7 +95,7 @@ class TeacherWorker:
         x_BCHW = x_BCHW.to(self.device).float().div_(255)
         labels = np.array([int(c) for c in rows["cls"]], dtype=np.int64)
         out = {"key": np.asarray(rows["__key__"]), "epoch": np.asarray(rows["epoch"]), "label": labels, "valid": valid,
-               "image": _to_uint8_BHWC(x_BCHW), "teacher_pid": np.full(len(labels), os.getpid())}
+               "image": to_uint8_BHWC(x_BCHW), "teacher_pid": np.full(len(labels), os.getpid())}
         if self.teacher is None:
             return out
         # The student sees the uint8 pixels: the teacher must score exactly those.
@@ -105,7 +105,7 @@ class TeacherWorker:
         if self.vqgan is not None:
             y = torch.from_numpy(labels).to(self.device)
             q = functools.partial(discretize, self.vqgan)
-            x_dad = _to_uint8_BHWC(dad_samples(self.teacher, q, x_BCHW, y, self.job.dad, generator=self.generator))
+            x_dad = to_uint8_BHWC(dad_samples(self.teacher, q, x_BCHW, y, self.job.dad, generator=self.generator))
             with torch.no_grad():
                 x_dad_BCHW = torch.from_numpy(x_dad).to(self.device).permute(0, 3, 1, 2).float().div_(255)
                 out["dad_teacher_logits"] = self.teacher(x_dad_BCHW).half().cpu().numpy()

@@ -31,12 +31,15 @@ def load_config(
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist; pass an existing YAML path")
         layers.append((str(path), lambda: OmegaConf.load(path)))
-    layers.append(("command line", lambda: OmegaConf.from_dotlist(list(overrides))))
     for source, layer in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer() if callable(layer) else layer)
         except OmegaConfBaseException as err:
             raise ValueError(_explain(err, source, schema)) from None
+    try:  # merge_with_dotlist, unlike a merged from_dotlist, understands list indices (sets.0.root=...)
+        cfg.merge_with_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ValueError(_explain(err, "command line", schema)) from None
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as err:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from cluster.config import PoolsConfig, StudentPoolConfig, TeacherPoolConfig
-from cluster.dad_run import DadRecipeConfig, check_config, check_resources
+from cluster.dad_run import DadRecipeConfig, check_config
+from cluster.ray_init import check_resources
 from robust.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,15 +1,19 @@
-"""Report files: JSON round trip, markdown tables with hand-checked mCE, valid PNG plots with their series."""
+"""Report files: JSON round trip, markdown tables with hand-checked mCE, valid PNG plots with their series;
+model entries built from per-set tallies."""
 
 from __future__ import annotations
 
 import json
+import math
+from statistics import fmean
 
 import pytest
+import torch
 from PIL import Image
 
 from robust.eval.corruptions import IMAGENET_C
-from robust.eval.metrics import ALEXNET_ERROR
-from robust.eval.report import write_report
+from robust.eval.metrics import ALEXNET_ERROR, Tally, classification_tally, flip_tally
+from robust.eval.report import model_entry, set_entry, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -70,3 +74,56 @@ def test_bad_reports_are_value_errors(tmp_path):
         write_report({"run": 1}, tmp_path)
     with pytest.raises(ValueError, match="clean_acc"):
         write_report({"models": {"m": {"sets": {}}}}, tmp_path)
+
+
+def _tally(key, n: int, correct: int) -> Tally:
+    """n samples of class 0, the first ``correct`` predicted right, the rest as class 1 (class 0 last)."""
+    logits_BK = torch.zeros(n, 10)
+    logits_BK[:correct, 0] = 9.0
+    logits_BK[correct:, 1] = 9.0
+    logits_BK[correct:, 0] = -9.0
+    return classification_tally(logits_BK, torch.zeros(n, dtype=torch.long), key=key)
+
+
+def _stored_c(n: int = 100) -> tuple[Tally, float]:
+    """ImageNet-C counts with about half AlexNet's error at every severity, and their mCE by hand (percent)."""
+    correct = {c: round(n * (1 - 0.5 * ALEXNET_ERROR[c])) for c in IMAGENET_C}
+    tally = sum((_tally((c, s), n, correct[c]) for c in IMAGENET_C for s in range(1, 6)), Tally())
+    # CE_c = sum_s E_sc / sum_s E^AlexNet_c = E_c / E^AlexNet_c here (equal severities); mCE = mean over c
+    return tally, 100 * fmean((1 - correct[c] / n) / ALEXNET_ERROR[c] for c in IMAGENET_C)
+
+
+def test_model_entry_takes_corruptions_from_stored_imagenet_c_and_makes_other_views_columns():
+    stored_c, mce = _stored_c()
+    per_set = {
+        "clean": _tally("clean", 10, 8) + _tally(("fog", 1), 10, 5),  # X-C of the clean set
+        "r": _tally("r", 4, 1),
+        "in-c": stored_c,
+        "p": flip_tally(torch.tensor([[0, 0, 1, 1], [2, 2, 2, 2]]), perturbation="rotate"),  # 1 flip in 6 pairs
+    }
+    entry = model_entry(per_set, clean="clean")
+    assert entry["clean_acc"] == 80.0 and entry["mce"] == pytest.approx(mce, rel=1e-12) and 49 < mce < 51
+    assert set(entry["per_corruption"]) == set(IMAGENET_C)  # from the stored ImageNet-C set, not the clean X-C
+    assert entry["sets"] == {"r": 25.0, "clean-C": 50.0}
+    assert entry["flip_prob"] == {"rotate": pytest.approx(100 / 6)}
+    assert entry["mfr_unnormalised"] == entry["flip_prob"]["rotate"]  # one perturbation: the mean is its FP
+    stored = set_entry(per_set["in-c"], "in-c")
+    assert "acc" not in stored and stored["mce"] == pytest.approx(mce, rel=1e-12)  # mCE needs no clean accuracy
+    # one bin holds all 4: ECE = |accuracy - mean confidence|, softmax of a 9 against zeros (and a -9)
+    conf_right, conf_wrong = math.exp(9) / (math.exp(9) + 9), math.exp(9) / (math.exp(9) + 8 + math.exp(-9))
+    ece = 100 * abs(0.25 - (conf_right + 3 * conf_wrong) / 4)
+    assert set_entry(per_set["r"], "r", n=4) == {"n": 4, "acc": 25.0, "top5": 25.0, "ece": pytest.approx(ece)}
+    # without a stored ImageNet-C, the clean set's X-C is the report's corrupted accuracy
+    entry = model_entry({k: v for k, v in per_set.items() if k != "in-c"}, clean="clean")
+    assert entry["per_corruption"] == {"fog": [50.0, None, None, None, None]} and entry["sets"] == {"r": 25.0}
+    with pytest.raises(ValueError, match="labelled"):
+        model_entry({"in-c": per_set["in-c"]}, clean="in-c")
+
+
+def test_markdown_lists_flip_probabilities_and_keeps_per_set_out_of_the_header(tmp_path):
+    entry = {"clean_acc": 70.0, "flip_prob": {"rotate": 10.0, "gaussian_noise": 20.0}, "mfr_unnormalised": 15.0}
+    files = write_report({"models": {"m": entry}, "per_set": {"m": {"clean": {"acc": 70.0}}}, "run": "x"}, tmp_path)
+    md = files.markdown.read_text()
+    assert "| Model | rotate | gaussian_noise | mFR (unnormalised) |" in md
+    assert "| m | 10.00 | 20.00 | 15.00 |" in md
+    assert "- run: x" in md and "per_set" not in md

@@ -13,6 +13,7 @@ from cluster.config import StudentPoolConfig, TeacherPoolConfig
 from cluster.deepspeed_config import OptimConfig
 from cluster.pipeline import ResumePoint, execution_options, read_raw
 from cluster.student_pool import StudentJob, fit_students
+from cluster.student_tasks import DistillTask
 from cluster.teacher_pool import AugmentConfig, TeacherConfig, TeacherJob, teacher_stream
 from robust.attacks.dad import DADConfig
 from robust.losses.objectives import ObjectiveConfig
@@ -27,8 +28,9 @@ STUDENT = TimmConfig(name="test_resnet", num_classes=10)
 def test_worker_failure_resumes_from_checkpoint(ray_local, small_shards, tmp_path, zero_stage):
     micro, world, epochs = 16, 2, 2
     steps = (N_SMALL + 1) // (world * micro)  # 6 per epoch; the corrupt sample is in the stream
-    job = StudentJob(student=STUDENT, optim=OptimConfig(zero_stage=zero_stage, micro_batch_size=micro, warmup_steps=2),
-                     objective=ObjectiveConfig(kind="ce"), epochs=epochs, steps_per_epoch=steps,
+    job = StudentJob(task=DistillTask(STUDENT, ObjectiveConfig(kind="ce")),
+                     optim=OptimConfig(zero_stage=zero_stage, micro_batch_size=micro, warmup_steps=2),
+                     epochs=epochs, steps_per_epoch=steps,
                      run_dir=str(tmp_path / "run"), checkpoint_every=4, log_every=1, fail_at_step=5, record_ids=True,
                      resume=(resume := ResumePoint.remote()))
     teacher = TeacherJob(mode="ce", teacher=TeacherConfig(), vqgan=VQGANConfig(), dad=DADConfig(),

@@ -7,13 +7,12 @@ to 3 channels. Split: ``train_test_split(test_size=0.25, random_state=0, stratif
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from robust.data.shards import make_sample, verify_manifest, write_shards
+from robust.data.shards import encode_png, make_sample, verify_manifest, write_shards
 
 SIZE = 32
 CLASS_NAMES = [str(i) for i in range(10)]
@@ -47,13 +46,8 @@ def build_digits_shards(out_dir: str | Path, *, max_per_shard: int = 1000) -> di
         pass  # missing or stale: rebuild both splits
     x_train, y_train, x_test, y_test = digits_arrays()
     for split, (x_NHWC, y_N) in zip(SPLITS, ((x_train, y_train), (x_test, y_test))):
-        samples = (make_sample(f"{i:05d}", _png(x), int(y)) for i, (x, y) in enumerate(zip(x_NHWC, y_N)))
+        samples = (make_sample(f"{i:05d}", encode_png(x), int(y)) for i, (x, y) in enumerate(zip(x_NHWC, y_N)))
         write_shards(samples, dirs[split], prefix=f"digits-{split}", max_per_shard=max_per_shard,
                      class_names=CLASS_NAMES, overwrite=True)
     return dirs
 
-
-def _png(x_HWC: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(x_HWC, "RGB").save(buf, format="PNG")
-    return buf.getvalue()

@@ -12,6 +12,9 @@ field               content
 ``logits.npy``      optional: teacher LOGITS for the image, float16, shape (K,)
 ``dad.png``         optional: the DAD image Q(x_adv) of the same sample, PNG, RGB
 ``dad.logits.npy``  optional: teacher LOGITS for the DAD image, float16, shape (K,)
+``feats.npy``       feature cache (RPT): the frozen backbone's output for the image (then no image field)
+``aug.feats.npy``   feature cache: the backbone's output for the sample's augmented view
+``aug.logits.npy``  optional: teacher LOGITS for the augmented view, float16, shape (K,)
 ==================  ==========================================================================
 
 Decoded (``decode_sample``, ``ShardDataset``) a sample is a dict ``{"__key__": str, "image":
@@ -47,9 +50,11 @@ from webdataset.tariterators import base_plus_ext
 IMAGE_FIELDS = ("png", "jpg")
 LABEL = "cls"
 LOGITS, DAD_IMAGE, DAD_LOGITS = "logits.npy", "dad.png", "dad.logits.npy"
+FEATS, AUG_FEATS, AUG_LOGITS = "feats.npy", "aug.feats.npy", "aug.logits.npy"
 MANIFEST = "manifest.json"
 # stored field -> decoded name, for the optional fields
-_OPTIONAL = {LOGITS: "logits", DAD_IMAGE: "dad_image", DAD_LOGITS: "dad_logits"}
+_OPTIONAL = {LOGITS: "logits", DAD_IMAGE: "dad_image", DAD_LOGITS: "dad_logits", FEATS: "feats",
+             AUG_FEATS: "aug_feats", AUG_LOGITS: "aug_logits"}
 # What PIL / numpy raise on bytes that are not a valid image or array.
 _UNDECODABLE = (OSError, ValueError, SyntaxError, EOFError, KeyError, Image.DecompressionBombError)
 
@@ -71,7 +76,7 @@ def make_sample(
 ) -> dict[str, Any]:
     """A sample dict in the schema above; logits are stored as float16."""
     sample: dict[str, Any] = {"__key__": key, image_field: bytes(image), LABEL: int(label)}
-    for name, value in ((LOGITS, logits), (DAD_LOGITS, dad_logits)):
+    for name, value in ((LOGITS, logits), (DAD_LOGITS, dad_logits)):  # feature-cache samples: see FEATS
         if value is not None:
             sample[name] = np.asarray(value, dtype=np.float16)
     if dad_image is not None:
@@ -204,6 +209,13 @@ def resolve_shards(source: str | Path | Sequence[str | Path]) -> list[Path]:
     return paths
 
 
+def encode_png(x_HWC: np.ndarray, *, compress_level: int = 6) -> bytes:
+    """uint8 HWC RGB -> PNG bytes (PIL's default level 6; 1 for generated shards written once, read a few times)."""
+    buf = io.BytesIO()
+    Image.fromarray(x_HWC, "RGB").save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded image bytes -> uint8 HWC RGB array (grey, palette and CMYK images are converted)."""
     with Image.open(io.BytesIO(data)) as im:
@@ -301,12 +313,13 @@ def _check_sample(sample: dict[str, Any], seen: set[str], num_classes: int | Non
     unknown = fields - {*IMAGE_FIELDS, LABEL, *_OPTIONAL}
     if unknown:
         raise ValueError(f"sample {key}: unknown fields {sorted(unknown)}; see robust.data.shards for the schema")
-    if len(fields & set(IMAGE_FIELDS)) != 1:
-        raise ValueError(f"sample {key} needs exactly one image field out of {IMAGE_FIELDS}")
+    if len(fields & {*IMAGE_FIELDS, FEATS}) != 1:
+        raise ValueError(f"sample {key} needs exactly one image field out of {IMAGE_FIELDS} (or {FEATS} "
+                         "for a feature-cache sample)")
     label = sample.get(LABEL)
     if not isinstance(label, (int, np.integer)) or label < 0 or (num_classes is not None and label >= num_classes):
         raise ValueError(f"sample {key}: label {label!r} is not an int in [0, {num_classes or 'K'})")
-    for name in (LOGITS, DAD_LOGITS):
+    for name in (LOGITS, DAD_LOGITS, AUG_LOGITS):
         if name in sample and getattr(sample[name], "dtype", None) != np.float16:
             raise ValueError(f"sample {key}: {name} must be a float16 numpy array (make_sample converts it)")
 

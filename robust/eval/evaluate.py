@@ -1,21 +1,29 @@
 """Per-batch evaluation: run a model (a callable on [0, 1] images returning logits) and return a ``Tally``.
 
 The functions are pure and batch-local, so the cluster layer can map them over workers and add the
-tallies; ``evaluate_set`` is the single-process loop over one ``EvalSet``. The caller puts the model in
-the mode it wants (``model.eval()``); gradients are off here.
+tallies. A set is split into work items (``set_parts``: runs of samples or of a shard file) that are
+evaluated on their own (``evaluate_part``, every model on the same pixels); ``evaluate_set`` is the
+single-process loop over them. The caller puts the model in the mode it wants (``model.eval()``);
+gradients are off here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from robust.eval.metrics import Key, Tally, classification_tally, flip_tally
-from robust.eval.sets import EvalSet, Groups, corrupted_batches, to_unit
+from robust.data.shards import MANIFEST, read_manifest
+from robust.eval.metrics import Key, Tally, classification_tally, flip_tally, routing_tally
+from robust.eval.sets import EvalSet, Groups, ShardImages, corrupted_batches, to_unit
 
 Model = Callable[[torch.Tensor], torch.Tensor]
+Models = Mapping[str, Model]
 
 
 def project_logits(logits_BK: torch.Tensor, groups: Groups) -> torch.Tensor:
@@ -38,8 +46,13 @@ def predict(model: Model, x_BCHW: torch.Tensor, *, groups: Groups | None = None)
 def evaluate_batch(
     model: Model, x_BCHW: torch.Tensor, y_B: torch.Tensor, *, key: Key = "clean", groups: Groups | None = None
 ) -> Tally:
-    """Top-1/top-5 and calibration counts of one labelled batch under ``key``."""
-    return classification_tally(predict(model, x_BCHW, groups=groups), y_B, key=key)
+    """Top-1/top-5 and calibration counts of one labelled batch under ``key``; for a head-selecting RPT
+    model (``robust.rpt.export.RptClassifier``) also its F_correct counts, a corruption key being shifted."""
+    tally = classification_tally(predict(model, x_BCHW, groups=groups), y_B, key=key)
+    selection = getattr(model, "last_selection", None)  # set by the forward pass just made
+    if selection is not None:
+        tally = tally + routing_tally(selection.chose_clean_B, key=key, shifted=isinstance(key, tuple))
+    return tally
 
 
 def evaluate_corrupted(
@@ -72,8 +85,27 @@ def evaluate_x_c(
     generator: torch.Generator | None = None,
 ) -> Tally:
     """On-the-fly X-C of one clean batch: counts under (corruption, severity) for every pair."""
+    return _x_c({"m": model}, x_BCHW, y_B, corruptions=corruptions, severities=severities, groups=groups,
+                generator=generator)["m"]  # fmt: skip
+
+
+def _x_c(
+    models: Models,
+    x_BCHW: torch.Tensor,
+    y_B: torch.Tensor,
+    *,
+    corruptions: Iterable[str],
+    severities: Iterable[int],
+    groups: Groups | None,
+    generator: torch.Generator | None,
+) -> dict[str, Tally]:
+    # Each corrupted batch is made once and scored by every model: all models see the same pixels.
+    tallies = {name: Tally() for name in models}
     pairs = corrupted_batches([(x_BCHW, y_B)], corruptions=corruptions, severities=severities, generator=generator)
-    return sum((evaluate_batch(model, x_c, y_B, key=(c, s), groups=groups) for x_c, _, c, s in pairs), Tally())
+    for x_c, _, c, s in pairs:
+        for name, model in models.items():
+            tallies[name] = tallies[name] + evaluate_batch(model, x_c, y_B, key=(c, s), groups=groups)
+    return tallies
 
 
 def evaluate_sequences(
@@ -89,44 +121,126 @@ def evaluate_sequences(
     return tally
 
 
+def evaluate_models_on_batch(
+    models: Models, eval_set: EvalSet, batch: list, *, generator: torch.Generator | None
+) -> dict[str, Tally]:
+    """One loader batch of ``eval_set`` through the matching per-batch function, for every model.
+
+    Clean sets count under the set's name (plus (corruption, severity) for its configured X-C),
+    ImageNet-C under (corruption, severity), ImageNet-P under ("flip", perturbation).
+    """
+    kind, groups, x, y = eval_set.cfg.kind, eval_set.groups, batch[0], batch[1]
+    if kind == "imagenet-c":
+        return {n: evaluate_corrupted(m, x, y, batch[2], batch[3], groups=groups) for n, m in models.items()}
+    if kind == "imagenet-p":
+        step = eval_set.cfg.perturbation_step
+        return {n: evaluate_sequences(m, x, batch[2], step=step) for n, m in models.items()}
+    tallies = {n: evaluate_batch(m, x, y, key=eval_set.name, groups=groups) for n, m in models.items()}
+    if eval_set.corruptions:
+        corrupted = _x_c(models, x, y, corruptions=eval_set.corruptions, severities=eval_set.cfg.severities,
+                         groups=groups, generator=generator)  # fmt: skip
+        tallies = {n: tallies[n] + corrupted[n] for n in models}
+    return tallies
+
+
+@dataclass
+class Part:
+    """A work item: a slice of a set that is evaluated on its own (its corruption noise depends on it only)."""
+
+    dataset: Dataset | IterableDataset
+    size: int | None  # samples (sequences for ImageNet-P), when known up front
+
+
+class ShardSlice(IterableDataset):
+    """Samples [start, stop) of one shard file, read in order (a tar has no random access)."""
+
+    def __init__(self, shard: ShardImages, start: int, stop: int) -> None:
+        self.shard, self.start, self.stop = shard, start, stop
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        return islice(iter(self.shard), self.start, self.stop)
+
+
+def set_parts(eval_set: EvalSet, *, part_size: int) -> list[Part]:
+    """Split ``eval_set`` into work items of at most ``part_size`` samples.
+
+    Shard sets split each shard file by its manifest count (a whole file per item without a
+    manifest); ImageNet-P is split per perturbation first: sequence lengths differ between
+    perturbations, and a batch must stack its sequences.
+    """
+    if part_size < 1:
+        raise ValueError(f"part_size must be >= 1, got {part_size}")
+    dataset = eval_set.dataset
+    if isinstance(dataset, ShardImages):
+        root = Path(eval_set.cfg.root)
+        counts = {i.name: i.count for i in read_manifest(root).shards} if (root / MANIFEST).is_file() else {}
+        parts = []
+        for path in dataset.shards.paths:
+            shard = ShardImages(str(path), dataset.transform)
+            if path.name not in counts:
+                parts.append(Part(shard, None))
+                continue
+            count = counts[path.name]
+            parts += [Part(ShardSlice(shard, i, min(i + part_size, count)), min(part_size, count - i))
+                      for i in range(0, count, part_size)]  # fmt: skip
+        return parts
+    runs = [list(range(len(dataset)))]
+    if eval_set.cfg.kind == "imagenet-p":
+        by_perturbation: dict[str, list[int]] = {}
+        for i, (_, _, (perturbation,)) in enumerate(dataset.samples):
+            by_perturbation.setdefault(perturbation, []).append(i)
+        runs = list(by_perturbation.values())
+    return [Part(Subset(dataset, rows[i : i + part_size]), len(rows[i : i + part_size]))
+            for rows in runs for i in range(0, len(rows), part_size)]  # fmt: skip
+
+
+def part_generator(seed: int, set_name: str, part: int, batch: int, *, device: torch.device | str) -> torch.Generator:
+    """The corruption noise of one batch, seeded by (seed, set, part, batch) only: any worker that evaluates
+    that batch draws the same noise, so distributed and single-process results agree exactly."""
+    digest = hashlib.sha256(f"{seed}/{set_name}/{part}/{batch}".encode()).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def evaluate_part(
+    models: Models,
+    eval_set: EvalSet,
+    part: Part,
+    *,
+    part_id: int,
+    batch_size: int,
+    seed: int = 0,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, Tally], int]:
+    """Every model on one work item of ``eval_set``: (tallies by model name, samples evaluated)."""
+    tallies, n = {name: Tally() for name in models}, 0
+    for b, batch in enumerate(DataLoader(part.dataset, batch_size=batch_size, num_workers=num_workers)):
+        batch = [batch[0].to(device), batch[1].to(device), *batch[2:]]
+        generator = part_generator(seed, eval_set.name, part_id, b, device=device)
+        for name, tally in evaluate_models_on_batch(models, eval_set, batch, generator=generator).items():
+            tallies[name] = tallies[name] + tally
+        n += len(batch[1])
+    return tallies, n
+
+
 def evaluate_set(
     model: Model,
     eval_set: EvalSet,
     *,
     batch_size: int = 64,
+    part_batches: int = 8,
+    seed: int = 0,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
-    generator: torch.Generator | None = None,
 ) -> Tally:
-    """Every batch of ``eval_set`` through the matching per-batch function, summed.
+    """Single-process evaluation of ``eval_set``: its work items in turn, summed.
 
-    Clean sets count under the set's name (plus (corruption, severity) for its configured X-C),
-    ImageNet-C under (corruption, severity), ImageNet-P under ("flip", perturbation).
+    The same batches and corruption noise as the cluster's actor pool given the same ``batch_size``,
+    ``part_batches`` and ``seed``, hence the same counts.
     """
-    kind, groups, tally = eval_set.cfg.kind, eval_set.groups, Tally()
-    for batch in _batches(eval_set, batch_size=batch_size, num_workers=num_workers):
-        x, y = batch[0].to(device), batch[1].to(device)
-        if kind == "imagenet-c":
-            tally = tally + evaluate_corrupted(model, x, y, batch[2], batch[3], groups=groups)
-        elif kind == "imagenet-p":
-            tally = tally + evaluate_sequences(model, x, batch[2], step=eval_set.cfg.perturbation_step)
-        else:
-            tally = tally + evaluate_batch(model, x, y, key=eval_set.name, groups=groups)
-            if eval_set.corruptions:
-                tally = tally + evaluate_x_c(
-                    model, x, y, corruptions=eval_set.corruptions, severities=eval_set.cfg.severities,
-                    groups=groups, generator=generator,
-                )  # fmt: skip
+    tally = Tally()
+    for i, part in enumerate(set_parts(eval_set, part_size=batch_size * part_batches)):
+        tallies, _ = evaluate_part({"m": model}, eval_set, part, part_id=i, batch_size=batch_size, seed=seed,
+                                   num_workers=num_workers, device=device)  # fmt: skip
+        tally = tally + tallies["m"]
     return tally
-
-
-def _batches(eval_set: EvalSet, *, batch_size: int, num_workers: int) -> Iterator[list]:
-    parts = [eval_set.dataset]
-    if eval_set.cfg.kind == "imagenet-p":
-        # Sequence lengths differ between perturbations: batch each perturbation on its own.
-        rows: dict[str, list[int]] = {}
-        for i, (_, _, (perturbation,)) in enumerate(eval_set.dataset.samples):
-            rows.setdefault(perturbation, []).append(i)
-        parts = [Subset(eval_set.dataset, idx) for idx in rows.values()]
-    for part in parts:
-        yield from DataLoader(part, batch_size=batch_size, num_workers=num_workers)

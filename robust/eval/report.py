@@ -1,10 +1,16 @@
 """The out-of-distribution report: report.json, report.md (tables like the papers') and PNG plots.
 
 A report dict is ``{"models": {name: entry}, ...run metadata}``; an entry (``metrics.summarize`` makes
-one) has accuracies in percent: "clean_acc", "corrupt_acc", "per_corruption" {corruption: [acc at
-severity 1..5]}, "sets" {set: acc}, "weights", and optionally "train_cost_s" or "cost_ms_per_img",
-"f_correct", "tuned_params", "total_params". "Avg shifts" is the mean of the shifted-set accuracies
-and the mean corrupted accuracy.
+one, ``model_entry`` from per-set tallies) has accuracies in percent: "clean_acc", "corrupt_acc",
+"per_corruption" {corruption: [acc at severity 1..5]}, "sets" {set: acc}, "weights", and optionally
+"train_cost_s" or "cost_ms_per_img", "f_correct", "tuned_params", "total_params", "flip_prob",
+"mfr_unnormalised". "Avg shifts" is the mean of the shifted-set accuracies and the mean corrupted
+accuracy. An optional "per_set" section maps model -> set -> ``set_entry`` metrics.
+
+mFR: the ImageNet-P paper divides each perturbation's flip probability by AlexNet's; those AlexNet
+values are neither in SPEC section 7 nor in the benchmark's code (hendrycks/robustness
+``ImageNet-P/test.py`` prints raw flip probabilities), so the report gives the unnormalised mean
+flip probability and labels it so ("mfr_unnormalised").
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from robust.eval.corruptions import IMAGENET_C
-from robust.eval.metrics import SEVERITIES, mean_corruption_error
+from robust.eval.metrics import SEVERITIES, Tally, mean_corruption_error, summarize
 
 COST_FIELDS = (("train_cost_s", "training cost (s)"), ("cost_ms_per_img", "training cost (ms / image)"))
 
@@ -67,6 +73,58 @@ def mce_of(entry: Mapping[str, Any]) -> float | None:
     return 100 * mean_corruption_error({c: [1 - a / 100 for a in table[c]] for c in IMAGENET_C})
 
 
+def set_entry(tally: Tally, name: str, *, n: int | None = None) -> dict[str, Any]:
+    """Metrics of one set (percent) from its own tally: "acc", "top5", "ece" of its images as loaded,
+    "corrupt_acc", "per_corruption", "mce", "relative_mce" of its X-C or stored corruptions, "flip_prob"
+    and "mfr_unnormalised" for ImageNet-P, "n" samples when given."""
+    summary = summarize(Tally({("clean" if key == name else key): sums for key, sums in tally.stats.items()}))
+    entry: dict[str, Any] = {"n": n} if n is not None else {}
+    if "clean_acc" in summary:
+        entry.update(acc=summary["clean_acc"], top5=summary["clean_top5"], ece=summary["ece"]["clean"])
+    for field in ("corrupt_acc", "per_corruption", "mce", "relative_mce", "flip_prob", "mfr_unnormalised"):
+        if field in summary:
+            entry[field] = summary[field]
+    if "per_corruption" in entry and "mce" not in entry and mce_of(entry) is not None:
+        entry["mce"] = mce_of(entry)  # stored ImageNet-C: mCE needs no clean accuracy
+    return entry
+
+
+def model_entry(per_set: Mapping[str, Tally], *, clean: str) -> dict[str, Any]:
+    """One model's report entry from its tallies per set; ``clean`` names the in-distribution test set.
+
+    The top-level corrupted accuracy, per-corruption table and mCE come from the first stored ImageNet-C
+    set, else from the clean set's X-C. Every other set is a column of "sets": its accuracy under its
+    name, and the mean accuracy of its X-C under "<name>-C" (a stored ImageNet-C set: under its name).
+    """
+    if clean not in per_set or clean not in per_set[clean].stats:
+        raise ValueError(f"the in-distribution set {clean!r} must be a labelled set (not imagenet-c/-p)")
+    corrupted = {name for name, t in per_set.items() if any(_is_corruption(k) for k in t.stats)}
+    stored = [name for name in per_set if name in corrupted and name not in per_set[name].stats]
+    source = stored[0] if stored else (clean if clean in corrupted else None)
+    merged = Tally()
+    for name, tally in per_set.items():
+        for key, sums in tally.stats.items():
+            if key == name:
+                merged = merged + Tally({"clean" if name == clean else name: sums})
+            elif name == source or not _is_corruption(key):  # ImageNet-P flips
+                merged = merged + Tally({key: sums})
+    entry = summarize(merged)
+    sets: dict[str, float] = {}
+    for name, tally in per_set.items():
+        if name != clean and name in tally.stats:
+            sets[name] = entry["sets"][name]
+        if name in corrupted and name != source:
+            sets[name if name in stored else f"{name}-C"] = set_entry(tally, name)["corrupt_acc"]
+    entry.pop("sets", None)
+    if sets:
+        entry["sets"] = sets
+    return entry
+
+
+def _is_corruption(key: Any) -> bool:
+    return isinstance(key, tuple) and key[0] != "flip"
+
+
 def avg_shifts(entry: Mapping[str, Any]) -> float | None:
     values = list(entry.get("sets", {}).values()) + ([entry["corrupt_acc"]] if "corrupt_acc" in entry else [])
     return fmean(values) if values else None
@@ -74,7 +132,7 @@ def avg_shifts(entry: Mapping[str, Any]) -> float | None:
 
 def markdown(report: Mapping[str, Any]) -> str:
     models = report["models"]
-    meta = {k: v for k, v in report.items() if k != "models"}
+    meta = {k: v for k, v in report.items() if k not in ("models", "per_set")}
     lines = ["# Robustness report", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""] * bool(meta)
     sets = list(dict.fromkeys(s for e in models.values() for s in e.get("sets", {})))
     lines += ["## Accuracy (%)", ""]
@@ -92,6 +150,12 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "## Accuracy per severity (%), mean over corruptions", ""]
         rows = [[n, e["clean_acc"], *_by_severity(e)] for n, e in models.items()]
         lines += _table(["Model", "clean", *map(str, SEVERITIES)], rows)
+    perturbations = list(dict.fromkeys(p for e in models.values() for p in e.get("flip_prob", {})))
+    if perturbations:
+        lines += ["", "## ImageNet-P flip probability (%); mFR unnormalised (no AlexNet division)", ""]
+        rows = [[n, *[e.get("flip_prob", {}).get(p) for p in perturbations], e.get("mfr_unnormalised")]
+                for n, e in models.items()]  # fmt: skip
+        lines += _table(["Model", *perturbations, "mFR (unnormalised)"], rows)
     extra = [k for k in ("f_correct", "tuned_params", "total_params", *(f for f, _ in COST_FIELDS), "weights")
              if any(k in e for e in models.values())]  # fmt: skip
     if extra:

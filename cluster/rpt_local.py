@@ -1,0 +1,54 @@
+"""``preset=local`` of the RPT recipe: the whole method on one CPU machine on the built-in digits.
+
+Cached stages (under ``<run.out_dir>/cache``, shared with the DAD preset): digits shards, the "large"
+model pretrained on clean digits (plain CE), the small robust teacher trained with AugMix +
+DeepAugment. Then RPT and the baselines tune the large model through the real pools.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from robust.data.digits import build_digits_shards
+from robust.models.timm_models import TimmConfig
+from robust.teacher_train import TeacherTrainConfig, cached_teacher
+
+
+@dataclass
+class RptLocalConfig:
+    """The cached stages of ``preset=local`` (ignored otherwise)."""
+
+    large: TeacherTrainConfig = field(default_factory=lambda: TeacherTrainConfig(
+        model=TimmConfig(name="test_vit", num_classes=10, img_size=32), augmentations=[], epochs=15))
+    teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)  # AugMix + DeepAugment
+
+
+RPT_LOCAL_PRESET: dict = {
+    "data": {"max_in_flight_mb": 64},
+    "large": {"timm": {"name": "test_vit", "num_classes": 10, "img_size": 32, "pretrained": False},
+              "tune_fraction": 0.2},
+    "robust_teacher": {"name": "test_resnet", "num_classes": 10},
+    "augment": {"crop_size": 32, "scale": [0.7, 1.0], "ratio": [0.9, 1.1], "hflip": False},
+    "optim": {"zero_stage": 2, "micro_batch_size": 64, "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 5},
+    "pools": {
+        "teacher": {"min_actors": 1, "max_actors": 1, "gpus_per_actor": 0, "cpus_per_actor": 1, "batch_size": 64},
+        "student": {"num_workers": 2, "gpus_per_worker": 0, "cpus_per_worker": 1},
+    },
+    "run": {"name": "rpt-local", "epochs": 4, "checkpoint_every": 20, "log_every": 5},
+    "ray": {"num_cpus": 4, "object_store_mb": 512},
+}
+
+
+def prepare_local(cfg) -> dict[str, Path]:
+    """Build (or reuse) the cached stages and point ``cfg`` at them; returns extra models to evaluate."""
+    cache = Path(cfg.run.out_dir).expanduser().resolve() / "cache"
+    dirs = build_digits_shards(cache / "digits")
+    cfg.data.train_shards, cfg.data.test_shards = str(dirs["train"]), str(dirs["test"])
+    local: RptLocalConfig = cfg.local
+    _, large_dir = cached_teacher(cache, local.large)
+    _, teacher_dir = cached_teacher(cache, local.teacher)
+    cfg.large.timm = dataclasses.replace(local.large.model, checkpoint=str(large_dir / "teacher.safetensors"))
+    cfg.robust_teacher = dataclasses.replace(local.teacher.model, checkpoint=str(teacher_dir / "teacher.safetensors"))
+    return {"large (initial)": large_dir, "robust teacher": teacher_dir}

@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 
 from cluster.config import PoolsConfig
-from cluster.ray_init import DataConfig, RayInitConfig, check_resources, start_ray
+from cluster.ray_init import DataConfig, RayInitConfig, begin_run
 from cluster.deepspeed_config import OptimConfig, validate_optim
 from cluster.evaluate import EvalConfig, evaluate_models
 from cluster.local import LocalConfig
@@ -26,7 +26,6 @@ from cluster.student_pool import StudentJob, fit_students
 from cluster.student_tasks import DistillTask
 from cluster.teacher_pool import AugmentConfig, TeacherConfig, TeacherJob, teacher_stream
 from robust.attacks.dad import DADConfig
-from robust.config import save_config
 from robust.losses.objectives import ObjectiveConfig
 from robust.models.timm_models import TimmConfig
 from robust.models.vqgan import VQGANConfig
@@ -139,13 +138,7 @@ def run(cfg: DadRecipeConfig, *, extra_models: dict[str, Path] | None = None) ->
     """Train every method's student, evaluate them (and ``extra_models``), write the report."""
     num_classes = check_config(cfg)
     out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    start_ray(cfg.ray, cfg.pools)
-    # Progress comes from the students' step lines and the evaluation bar, not Ray Data's operator bars.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    if cfg.ray.check_resources:
-        check_resources(cfg.pools)
+    begin_run(cfg, out, cfg.pools)
     models, costs = {}, {}
     for method in cfg.run.methods:
         t0 = time.perf_counter()

@@ -13,13 +13,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
 from omegaconf import OmegaConf
 
 from cluster.config import PoolsConfig, StudentPoolConfig, TeacherPoolConfig
-from cluster.ray_init import RayInitConfig, check_resources, start_ray
+from cluster.ray_init import RayInitConfig, begin_run
 from cluster.evaluate import PoolEvalConfig, build_report, evaluate_sets
-from robust.config import save_config
 from robust.data.digits import build_digits_shards
 from robust.eval.models import ModelSpec, ZeroShotConfig, check_fit, parse_model
 from robust.eval.report import COST_FIELDS, ReportFiles, write_report
@@ -138,13 +136,7 @@ def run(cfg: EvalRecipeConfig) -> tuple[dict, ReportFiles]:
     """Evaluate every model on every set through the teacher-resource pool; write report.json/.md and plots."""
     specs, eval_sets, costs = check_config(cfg)
     out = Path(cfg.out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    pools = PoolsConfig(teacher=cfg.pools, student=StudentPoolConfig(num_workers=0, gpus_per_worker=0))
-    start_ray(cfg.ray, pools)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the evaluation's own bar reports progress
-    if cfg.ray.check_resources:
-        check_resources(pools)
+    begin_run(cfg, out, PoolsConfig(teacher=cfg.pools, student=StudentPoolConfig(num_workers=0, gpus_per_worker=0)))
     t0 = time.perf_counter()
     totals = evaluate_sets(specs, eval_sets, cfg.eval, pools=cfg.pools, clip=cfg.clip)
     report = build_report(totals, specs, clean=eval_sets[0].name)

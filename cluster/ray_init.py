@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 
 from cluster.config import STUDENT_RESOURCE, TEACHER_RESOURCE, PoolsConfig
+from robust.config import save_config
 
 
 @dataclass
@@ -50,3 +52,20 @@ def start_ray(cfg: RayInitConfig, pools: PoolsConfig) -> None:
     ray.init(address="local", num_cpus=cfg.num_cpus or None, object_store_memory=cfg.object_store_mb * 2**20 or None,
              resources={TEACHER_RESOURCE: pools.teacher.max_actors, STUDENT_RESOURCE: pools.student.num_workers},
              include_dashboard=True)
+
+
+def begin_run(cfg, out: Path, pools: PoolsConfig) -> None:
+    """What every recipe does before its work: the run directory with the resolved config, Ray, and the
+    resource check (``cfg`` has ``ray``; an impossible pool size fails here)."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    start_ray(cfg.ray, pools)
+    # Progress comes from the workers' step lines and the evaluation bar, not Ray Data's operator bars.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if cfg.ray.check_resources:
+        check_resources(pools)
+
+
+def print_summary(report: dict) -> None:
+    for name, entry in report["models"].items():
+        print(f"{name:>16}: clean {entry['clean_acc']:.1f}%  corrupted {entry.get('corrupt_acc', float('nan')):.1f}%")

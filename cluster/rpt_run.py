@@ -18,7 +18,7 @@ import ray
 from safetensors.torch import load_file
 
 from cluster.config import PoolsConfig
-from cluster.ray_init import DataConfig, RayInitConfig, check_resources, start_ray
+from cluster.ray_init import DataConfig, RayInitConfig, begin_run
 from cluster.deepspeed_config import OptimConfig, validate_optim
 from cluster.evaluate import EvalConfig, evaluate_models
 from cluster.pipeline import ResumePoint, count_samples, execution_options, read_raw, shard_manifest
@@ -28,7 +28,6 @@ from cluster.student_pool import StudentJob, fit_students
 from cluster.student_tasks import RptTask
 from cluster.teacher_pool import AugmentConfig
 from robust.augment import AugMixConfig
-from robust.config import save_config
 from robust.models.timm_models import TimmConfig
 from robust.rpt.baselines import METHODS, build_method, wise_ft
 from robust.rpt.export import export_rpt
@@ -159,12 +158,7 @@ def wise_ft_models(cfg: RptRecipeConfig, finetuned: Path) -> dict[str, Path]:
 def run(cfg: RptRecipeConfig, *, extra_models: dict[str, Path] | None = None) -> dict:
     check_config(cfg)
     out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    start_ray(cfg.ray, cfg.pools)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    if cfg.ray.check_resources:
-        check_resources(cfg.pools)
+    begin_run(cfg, out, cfg.pools)
     models, costs = {}, {}
     for method in [m for m in cfg.run.methods if m != WISE_FT]:
         t0 = time.perf_counter()

@@ -19,23 +19,27 @@ from torch import Tensor, nn
 
 from robust.losses.objectives import ObjectiveConfig, objective
 from robust.models.timm_models import TimmConfig, build_timm, export_timm
+from robust.pixmix import load_mixing_set
 from robust.rpt.baselines import METHODS, build_method, method_loss_config
 from robust.rpt.export import export_rpt
 from robust.rpt.losses import RptLossConfig, rpt_loss
 from robust.rpt.partial import PartialConfig
 from robust.rpt.select import SelectConfig
-from robust.pixmix import load_mixing_set
 from robust.teacher_train import TeacherTrainConfig, check_augmentations, robust_teacher_loss, teacher_batch
 
-Forward = Callable[[Tensor], Tensor | tuple[Tensor, ...]]  # the DeepSpeed engine's forward (dtype handled)
+Forward = Callable[[Tensor], Tensor | dict[str, Tensor]]  # the DeepSpeed engine's forward (dtype handled)
+Terms = dict[str, Tensor]  # batch-mean loss terms for metrics.jsonl
 
 
 class StudentTask(Protocol):
-    def build(self) -> nn.Module: ...
+    def build(self) -> nn.Module:
+        """The module DeepSpeed trains (its parameters with requires_grad reach the optimizer)."""
 
-    def loss(self, forward: Forward, rows: dict[str, np.ndarray], *, device: torch.device) -> tuple[Tensor, dict[str, Tensor]]: ...
+    def loss(self, forward: Forward, rows: dict[str, np.ndarray], *, device: torch.device) -> tuple[Tensor, Terms]:
+        """The micro-batch's loss through ``forward`` (the engine), and its terms."""
 
-    def export(self, module: nn.Module, out_dir: str | Path, *, stem: str) -> None: ...
+    def export(self, module: nn.Module, out_dir: str | Path, *, stem: str) -> None:
+        """Write the trained ``module`` (full weights, gathered on rank 0) for evaluation."""
 
 
 def images(x_BHWC: np.ndarray, device: torch.device) -> Tensor:
@@ -57,7 +61,7 @@ class DistillTask:
     def build(self) -> nn.Module:
         return build_timm(self.student)
 
-    def loss(self, forward: Forward, rows: dict[str, np.ndarray], *, device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, forward: Forward, rows: dict[str, np.ndarray], *, device: torch.device) -> tuple[Tensor, Terms]:
         x = images(rows["image"], device)
         y = column(rows, "label", device)
         has_adv = "dad_image" in rows
@@ -85,7 +89,7 @@ class RptTask:
         self._student = build_method(self.method, self.partial)
         return self._student.tuned
 
-    def loss(self, forward: Forward, rows: dict[str, np.ndarray], *, device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, forward: Forward, rows: dict[str, np.ndarray], *, device: torch.device) -> tuple[Tensor, Terms]:
         views = 2 if METHODS[self.method].augmented else 1  # linear probe, full FT and VPT: clean only
         if "feats" in rows:
             feats_B = torch.cat([torch.from_numpy(rows["feats"]), torch.from_numpy(rows["aug_feats"])][:views])
@@ -123,7 +127,7 @@ class RobustTeacherTask:
         self._mixing = None
         return build_timm(self.train.model)
 
-    def loss(self, forward: Forward, rows: dict[str, np.ndarray], *, device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, forward: Forward, rows: dict[str, np.ndarray], *, device: torch.device) -> tuple[Tensor, Terms]:
         x_NHWC = np.ascontiguousarray(rows["image"])
         if "pixmix" in self.train.augmentations and self._mixing is None:  # the bank, once, at the data's size
             self._mixing = load_mixing_set(self.train.pixmix.mixing, size=x_NHWC.shape[1:3])

@@ -21,14 +21,13 @@ import torch
 from tqdm import tqdm
 
 from cluster.config import TEACHER_RESOURCE, PoolsConfig
-from cluster.ray_init import DataConfig, RayInitConfig, check_resources, start_ray
+from cluster.ray_init import DataConfig, RayInitConfig, begin_run
 from cluster.deepspeed_config import OptimConfig, validate_optim
 from cluster.evaluate import EvalConfig, evaluate_models
 from cluster.pipeline import ResumePoint, count_samples, execution_options, read_raw, shard_manifest
 from cluster.student_pool import StudentJob, fit_students
 from cluster.student_tasks import RobustTeacherTask
 from cluster.teacher_pool import AugmentConfig, crop_transform
-from robust.config import save_config
 from robust.data.digits import build_digits_shards
 from robust.data.shards import decode_image, encode_png, make_sample, write_shards
 from robust.deepaugment import autoencoder_for, build_autoencoder, deepaugment
@@ -157,12 +156,7 @@ def write_deepaugment(cfg: RobustTeacherRecipeConfig, out_dir: Path) -> int:
 def run(cfg: RobustTeacherRecipeConfig) -> dict:
     check_config(cfg)
     out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    start_ray(cfg.ray, cfg.pools)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    if cfg.ray.check_resources:
-        check_resources(cfg.pools)
+    begin_run(cfg, out, cfg.pools)
     t0 = time.perf_counter()
     sources = [cfg.data.train_shards]
     if "deepaugment" in cfg.train.augmentations:

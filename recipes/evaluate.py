@@ -19,30 +19,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cluster.eval_run import LOCAL_PRESET, EvalRecipeConfig, prepare_local, run  # noqa: E402
-from robust.config import load_config, split_cli, to_yaml  # noqa: E402
+from robust.config import recipe_main  # noqa: E402
 
-PRESETS = {"local": LOCAL_PRESET}
+
+def _run(cfg: EvalRecipeConfig, preset: str | None) -> None:
+    if preset == "local":
+        prepare_local(cfg)
+    _, files = run(cfg)
+    print(files.markdown.read_text())
+    print(f"report: {files.json} {files.markdown} {' '.join(map(str, files.plots.values()))}")
 
 
 def main(argv: list[str]) -> int:
-    if {"-h", "--help"} & set(argv):
-        print(__doc__ + "\nDefaults:\n\n" + to_yaml(EvalRecipeConfig()))
-        return 0
-    try:
-        preset, yaml_path, overrides = split_cli(argv)
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
-        cfg = load_config(EvalRecipeConfig, presets=[PRESETS[preset]] if preset else [], yaml_path=yaml_path,
-                          overrides=overrides)
-        if preset == "local":
-            prepare_local(cfg)
-        report, files = run(cfg)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    print(files.markdown.read_text())
-    print(f"report: {files.json} {files.markdown} {' '.join(map(str, files.plots.values()))}")
+    recipe_main(argv, doc=__doc__, schema=EvalRecipeConfig, presets={"local": LOCAL_PRESET}, run=_run)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

@@ -6,7 +6,7 @@ A typo or a wrong type is a ``ValueError`` that names the key, raised before any
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,3 +81,22 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(to_yaml(cfg))
     return path
+
+
+def recipe_main(argv: Sequence[str], *, doc: str, schema: type[T], presets: Mapping[str, Mapping[str, Any]],
+                run: Callable[[T, str | None], Any]) -> Any:
+    """A recipe's command line: ``--help`` prints ``doc`` and the defaults; otherwise merge
+    ``[preset=NAME] [config=FILE.yaml] [key=value ...]`` into ``schema`` and return ``run(cfg, preset)``.
+    A ``ValueError`` (a user error, with what to do) exits with its message instead of a traceback."""
+    if {"-h", "--help"} & set(argv):
+        print(doc + "\nDefaults:\n\n" + to_yaml(schema()))
+        return None
+    try:
+        preset, yaml_path, overrides = split_cli(list(argv))
+        if preset is not None and preset not in presets:
+            raise ValueError(f"unknown preset {preset!r}; available: {sorted(presets)}")
+        cfg = load_config(schema, presets=[presets[preset]] if preset else [], yaml_path=yaml_path,
+                          overrides=overrides)
+        return run(cfg, preset)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None

@@ -83,6 +83,7 @@ def test_f_correct_by_hand():
     tally = tally + routing_tally(torch.tensor([False, False, True]), key="imagenet-r", shifted=True)
     assert tally.f_correct("clean") == 3 / 4  # the clean head is right in distribution
     assert tally.f_correct("imagenet-r") == 2 / 3  # the unclean head is right under shift
+    assert summarize(tally)["f_correct_overall"] == pytest.approx(100 * 5 / 7)  # pooled over both sets
 
 
 def test_flip_probability_noise_vs_consecutive():

@@ -191,6 +191,9 @@ def summarize(tally: Tally) -> dict[str, Any]:
     routed = {key: pct(tally.f_correct(key)) for key in tally.stats if "routed_n" in tally.stats[key]}
     if routed:
         entry["f_correct"] = {str(key): v for key, v in routed.items()}
+        # one number like the paper's: right routings over all routed samples, clean and shifted pooled
+        right, n = (sum(float(tally.stats[k][f]) for k in routed) for f in ("routed_right", "routed_n"))
+        entry["f_correct_overall"] = pct(right / n)
     if flips:
         entry["flip_prob"] = {p: pct(v) for p, v in flips.items()}
         entry["mfr_unnormalised"] = pct(mean_flip_rate(flips))

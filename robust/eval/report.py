@@ -3,8 +3,8 @@
 A report dict is ``{"models": {name: entry}, ...run metadata}``; an entry (``metrics.summarize`` makes
 one, ``model_entry`` from per-set tallies) has accuracies in percent: "clean_acc", "corrupt_acc",
 "per_corruption" {corruption: [acc at severity 1..5]}, "sets" {set: acc}, "weights", and optionally
-"train_cost_s" or "cost_ms_per_img", "f_correct", "tuned_params", "total_params", "flip_prob",
-"mfr_unnormalised". "Avg shifts" is the mean of the shifted-set accuracies and the mean corrupted
+"train_cost_s" or "cost_ms_per_img", "f_correct" (per key), "f_correct_overall", "tuned_params",
+"total_params", "flip_prob", "mfr_unnormalised". "Avg shifts" is the mean of the shifted-set accuracies and the mean corrupted
 accuracy. An optional "per_set" section maps model -> set -> ``set_entry`` metrics.
 
 mFR: the ImageNet-P paper divides each perturbation's flip probability by AlexNet's; those AlexNet
@@ -156,7 +156,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         rows = [[n, *[e.get("flip_prob", {}).get(p) for p in perturbations], e.get("mfr_unnormalised")]
                 for n, e in models.items()]  # fmt: skip
         lines += _table(["Model", *perturbations, "mFR (unnormalised)"], rows)
-    extra = [k for k in ("f_correct", "tuned_params", "total_params", *(f for f, _ in COST_FIELDS), "weights")
+    extra = [k for k in ("f_correct_overall", "tuned_params", "total_params", *(f for f, _ in COST_FIELDS), "weights")
              if any(k in e for e in models.values())]  # fmt: skip
     if extra:
         lines += ["", "## Cost and parameters", ""]

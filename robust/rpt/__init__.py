@@ -9,5 +9,5 @@ Import from the submodules:
 - ``zeroshot``: open_clip ViTs in timm's interface, heads against the class prompt embeddings (sec. 4.4)
 - ``baselines``: ``METHODS``, ``build_method``, ``method_loss_config``, linear probe, full fine-tuning, VPT, ``wise_ft``
 - ``export``: ``export_rpt`` / ``load_rpt`` (safetensors + json), ``RptClassifier`` (eq. 6 at inference),
-  ``rpt_tally`` (accuracy + F_correct per batch), ``is_rpt_export``
+  ``is_rpt_export``; the evaluator counts F_correct from ``RptClassifier.last_selection``
 """

@@ -9,8 +9,8 @@ random weights (pretrained tags and checkpoint files named in it are never read:
 the architecture only) and loads the tensors with safetensors, so nothing is unpickled.
 
 ``RptClassifier`` is the module an evaluator scores: a three-head student predicts with eq. 6 (K
-MC-dropout passes, head selection) and keeps the batch's ``Selection``, from which ``rpt_tally`` counts
-F_correct; a one-head method returns its head's logits.
+MC-dropout passes, head selection) and keeps the batch's ``Selection`` in ``last_selection``, from which
+``robust.eval.evaluate.evaluate_batch`` counts F_correct; a one-head method returns its head's logits.
 """
 
 from __future__ import annotations
@@ -25,13 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from robust.config import load_config
-from robust.eval.evaluate import predict as eval_predict
-from robust.eval.metrics import Key, Tally, classification_tally
-from robust.eval.sets import Groups
 from robust.models.weights import load_strict
 from robust.rpt.baselines import METHODS, build_method
 from robust.rpt.partial import HEADS, PartialConfig, PartialModel
-from robust.rpt.select import Selection, SelectConfig, check_select_config, predict, selection_tally
+from robust.rpt.select import Selection, SelectConfig, check_select_config, predict
 
 KIND = "rpt"
 
@@ -109,21 +106,6 @@ class RptClassifier(nn.Module):
             return logits_BK
         self.last_selection = predict(self.student, x01_BCHW, cfg=self.select)
         return self.last_selection.logits_BK
-
-
-def rpt_tally(
-    model: RptClassifier, x_BCHW: Tensor, y_B: Tensor, *, key: Key, shifted: bool, groups: Groups | None = None
-) -> Tally:
-    """One batch's accuracy/ECE counts under ``key`` and, for a head-selecting model, its F_correct counts.
-
-    ``shifted``: the batch is out of distribution (the unclean head is the right choice), e.g. any
-    corruption key; the clean test set is not. ``x_BCHW`` and ``groups`` are as in ``robust.eval.evaluate``.
-    """
-    logits_BK = eval_predict(model, x_BCHW, groups=groups)
-    if not model.routes:
-        return classification_tally(logits_BK, y_B, key=key)
-    assert model.last_selection is not None and len(model.last_selection.chose_clean_B) == len(y_B)
-    return selection_tally(model.last_selection._replace(logits_BK=logits_BK), y_B, key=key, shifted=shifted)
 
 
 def _paths(path: str | Path, stem: str) -> tuple[Path, Path]:

@@ -34,7 +34,7 @@ def _png(x_HWC: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory):
-    """N_SMALL digits (32 px) in 3 shards, plus one sample with undecodable image bytes."""
+    """N_SMALL digits (32 px) in 3 shards (and the same in 25), plus one sample with undecodable image bytes."""
     from robust.data.digits import digits_arrays
     from robust.data.shards import make_sample, write_shards
 
@@ -43,6 +43,7 @@ def small_shards(tmp_path_factory):
     samples = [make_sample(f"d{i:04d}", _png(x[i]), int(y[i])) for i in range(N_SMALL)]
     samples.insert(50, make_sample("corrupt", b"\x89PNG\r\n\x1a\nthis is not an image", 3))
     write_shards(samples, root / "train", prefix="train", max_per_shard=70, num_classes=10)
+    write_shards(samples, root / "train_fine", prefix="train", max_per_shard=8, num_classes=10)  # 25 shards
     test = [make_sample(f"t{i:04d}", _png(x_test[i]), int(y_test[i])) for i in range(96)]
     write_shards(test, root / "test", prefix="test", max_per_shard=50, num_classes=10)
-    return {"train": root / "train", "test": root / "test", "keys": [s["__key__"] for s in samples]}
+    return {"train": root / "train", "train_fine": root / "train_fine", "test": root / "test", "keys": [s["__key__"] for s in samples]}

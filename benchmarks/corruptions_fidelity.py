@@ -1,7 +1,8 @@
 """Fidelity of the torch corruption suite against ``imagecorruptions``, every corruption x severity 1-5.
 
 Run from the repository root:  .venv/bin/python -m benchmarks.corruptions_fidelity
-Writes benchmarks/results/corruptions_fidelity.json.
+Writes benchmarks/results/corruptions_fidelity.json and the fidelity tables of README.md
+(``--markdown-only`` re-renders them from the JSON).
 
 Data: scikit-image's photographs at 224 px and the 450-image digits test split at 32 px. The torch
 output is truncated to uint8 like the reference's. Per corruption, severity and data set:
@@ -15,13 +16,14 @@ output is truncated to uint8 like the reference's. Per corruption, severity and 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.corruptions_speed import machine_info
+from benchmarks.corruptions_speed import machine_info, update_doc
 from benchmarks.machine import save_result
 from robust.eval.corruptions import ALL, corrupt
 from tests.reference_corruptions import (
@@ -135,17 +137,57 @@ def _format_row(row: dict) -> str:
     )
 
 
+def markdown(result: dict) -> str:
+    """The fidelity tables of README.md, from a result of ``run``."""
+    m, c = result["machine"], result["config"]
+    by_name: dict[str, list[dict]] = {}
+    for row in result["rows"]:
+        by_name.setdefault(row["corruption"], []).append(row)
+    sev = [f"severity {s}" for s in SEVERITIES]
+    psnr = ["| corruption | " + " | ".join(sev) + " |", "|---|" + "---:|" * len(sev)]
+    stats = [
+        "| corruption | PSNR min, photos / digits (dB) | std ratio torch/ref | shift torch - ref (max abs, levels)"
+        " | digits accuracy torch - ref (points) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, rows in by_name.items():
+        if rows[0]["deterministic"]:
+            cells = [f"{r['photos']['psnr']:.1f} / {r['digits']['psnr']:.1f}" for r in rows]
+            psnr.append(f"| {name} | " + " | ".join(cells) + " |")
+            worst = f"{min(r['photos']['psnr'] for r in rows):.1f} / {min(r['digits']['psnr'] for r in rows):.1f}"
+        else:
+            worst = "random"
+        ratios = [_ratio(r[d]) for r in rows for d in ("photos", "digits")]
+        shift = max(abs(r[d]["shift_torch"] - r[d]["shift_ref"]) for r in rows for d in ("photos", "digits"))
+        acc = [100 * (r["digits"]["acc_torch"] - r["digits"]["acc_ref"]) for r in rows]
+        stats.append(
+            f"| {name} | {worst} | {min(ratios):.2f} - {max(ratios):.2f} | {shift:.2f} | {min(acc):+.1f} .. {max(acc):+.1f} |"
+        )
+    where = (
+        f"Measured {m['date'][:10]} on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, imagecorruptions"
+        f" {m['imagecorruptions']}; {c['n_photos']} photos at {c['photo_size']} px and {c['n_digits']} digits at"
+        f" {c['digit_size']} px; probe clean accuracy {100 * result['clean_acc']:.1f}%; runtime {result['runtime_s']:.0f} s."
+    )
+    return (
+        f"{where}\n\nPSNR (dB) of torch vs reference, photos / digits (99 = identical):\n\n" + "\n".join(psnr)
+        + "\n\nEvery corruption, over severities 1-5:\n\n" + "\n".join(stats) + "\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-photos", type=int, default=4)
     parser.add_argument("--n-digits", type=int, default=450, help="first N of the 450 test digits")
     parser.add_argument("--names", nargs="*", default=list(ALL))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--markdown-only", action="store_true", help="re-render the doc tables from --out")
     args = parser.parse_args()
-    print(HEADER)
-    result = run(n_photos=args.n_photos, n_digits=args.n_digits, names=args.names)
-    print(f"clean digits accuracy {100 * result['clean_acc']:.1f}; runtime {result['runtime_s']:.0f} s")
-    save_result(args.out, result)
+    if not args.markdown_only:
+        print(HEADER)
+        result = run(n_photos=args.n_photos, n_digits=args.n_digits, names=args.names)
+        print(f"clean digits accuracy {100 * result['clean_acc']:.1f}; runtime {result['runtime_s']:.0f} s")
+        save_result(args.out, result)
+    update_doc("fidelity-tables", markdown(json.loads(args.out.read_text())))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Deterministic corruptions: PSNR(torch, reference) per severity must reach a per-corruption floor.
 Random ones: the std of (corrupted - clean) must match within a band and its mean within a tolerance.
 The bounds come from benchmarks/corruptions_fidelity.py and the spread of the reference between seeds
-(benchmarks/README.md); the noise bands also exclude the neighbouring severities. A corruption that is
+(README, evaluation section); the noise bands also exclude the neighbouring severities. A corruption that is
 not registered fails here.
 """
 

@@ -6,7 +6,9 @@ The statistical comparison with ``imagecorruptions`` is tests/test_corruption_fi
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter, map_coordinates
 
+import robust.eval.corruptions as corruptions
 from robust.eval.corruptions import ALL, corrupt
 from robust.eval.corruptions import _filters as ops
 from robust.eval.corruptions.blur import local_copies
+from robust.eval.corruptions.noise import poisson_8bit
 from robust.eval.corruptions.weather import frost_texture_source, frost_textures
 
 with warnings.catch_warnings():
@@ -72,6 +76,35 @@ def test_every_severity_keeps_shape_dtype_range_and_changes_the_image(name: str)
         assert (out - x).abs().mean() > 1.5 / 255, f"{name} severity {severity} is nearly a no-op"
     out64 = corrupt(images(48, batch=2).double(), name, 3, generator=seeded(0))
     assert out64.dtype == torch.float64 and out64.shape == (2, 3, 48, 48) and 0 <= out64.min() <= out64.max() <= 1
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 3, 2), (2, 3, 19, 45)])
+def test_any_image_size_works(shape: tuple[int, ...]):
+    # The reference needs 32 px or more; here blurs pad past tiny borders and pixelate keeps >= 1 block.
+    x = torch.rand(shape, generator=seeded(0))
+    for name in ALL:
+        for severity in (1, 5):
+            out = corrupt(x, name, severity, generator=seeded(1))
+            assert out.shape == x.shape and torch.isfinite(out).all() and 0 <= out.min() <= out.max() <= 1, name
+
+
+def test_strided_inputs_give_the_same_images():
+    # Images decoded from HWC arrays arrive channels-last; crops arrive as views.
+    x = images(32, batch=2)
+    for strided in (x.contiguous(memory_format=torch.channels_last), torch.cat([x, x], -1)[..., 32:]):
+        for name in ALL:
+            a, b = corrupt(x, name, 3, generator=seeded(2)), corrupt(strided, name, 3, generator=seeded(2))
+            assert (a - b).abs().mean() < 1e-4, name
+
+
+def test_cpu_chunks_give_the_same_images_as_one_batch(monkeypatch: pytest.MonkeyPatch):
+    x = images(32, batch=5)
+    whole = {name: corrupt(x, name, 2) for name in DETERMINISTIC}
+    monkeypatch.setattr(corruptions, "CPU_CHUNK_BYTES", 2 * 4 * x[0].numel())  # chunks of 2, 2 and 1 images
+    for name in DETERMINISTIC:
+        torch.testing.assert_close(corrupt(x, name, 2), whole[name], atol=1e-6, rtol=0)
+    noisy = corrupt(x, "gaussian_noise", 3, generator=seeded(4))  # random ones still follow the generator
+    assert torch.equal(noisy, corrupt(x, "gaussian_noise", 3, generator=seeded(4)))
 
 
 @pytest.mark.parametrize("name", RANDOM)
@@ -176,6 +209,34 @@ def test_glass_blur_shuffle_replays_the_reference_loop_exactly():
 # ---- building blocks against scipy and OpenCV
 
 
+@pytest.mark.parametrize("scale", [60, 12, 3])
+def test_poisson_8bit_draws_follow_the_poisson_law(scale: int):
+    from scipy.stats import poisson
+
+    n = 200_000
+    for level in (0.0, 7 / 255, 200 / 255, 1.0, 0.12345, 0.5 + 0.4 / 255):  # the last two are off the 8-bit grid
+        k = poisson_8bit(torch.full((n,), level), scale, generator=seeded(0))
+        freq = torch.bincount(k.long(), minlength=200)[:200].double() / n
+        pmf = torch.from_numpy(poisson.pmf(np.arange(200), scale * level))
+        assert ((freq - pmf).abs() <= 5 * (pmf * (1 - pmf) / n).sqrt() + 2e-5).all(), (scale, level)
+
+
+def test_filter2d_equals_opencv_and_axis_maps_equal_their_dense_matrix():
+    img = np.random.default_rng(0).uniform(size=(23, 37))
+    k = ops.disk_kernel(6, 0.5)
+    ours = ops.filter2d(torch.from_numpy(img)[None, None], k, "reflect")[0, 0].numpy()
+    np.testing.assert_allclose(ours, cv2.filter2D(img, -1, k.numpy()), atol=1e-6)  # default border: reflect-101
+    tiny = ops.filter2d(torch.from_numpy(img[:5, :4].copy())[None, None], k, "reflect")[0, 0].numpy()  # pad > size
+    np.testing.assert_allclose(tiny, cv2.filter2D(img[:5, :4], -1, k.numpy()), atol=1e-6)
+    m = torch.zeros(70, 50, dtype=torch.float64)  # a band that moves like a zoom's, with empty columns
+    for o in range(45):
+        m[o + o // 3 : o + o // 3 + 4, o] = torch.arange(1.0, 5.0)
+    amap = ops.axis_map(m, torch.device("cpu"), torch.float64)
+    x = torch.from_numpy(np.random.default_rng(1).uniform(size=(2, 3, 70, 70)))
+    torch.testing.assert_close(ops.along_w(x, amap), x @ m)
+    torch.testing.assert_close(ops.along_h(x, amap), m.T @ x)
+
+
 def test_gaussian_blur_and_warp_match_scipy():
     f = np.random.default_rng(0).uniform(size=(30, 41))
     t = torch.from_numpy(f)[None, None]
@@ -205,6 +266,17 @@ def test_spatter_edge_pipeline_matches_opencv():
         assert np.array_equal(torch.floor(ops.box3(torch.from_numpy(dist)[None, None]))[0, 0].numpy(), levels)
         eq = ops.equalize_hist(torch.from_numpy(levels).float()[None, None])[0, 0].numpy()
         assert np.array_equal(eq, cv2.equalizeHist(levels))
+
+
+# ---- the docs show the benchmark results
+
+
+def test_readme_tables_are_the_benchmark_results():
+    from benchmarks import corruptions_fidelity, corruptions_speed
+
+    doc = (Path(__file__).parents[1] / "README.md").read_text()
+    for bench in (corruptions_fidelity, corruptions_speed):
+        assert bench.markdown(json.loads(bench.RESULTS.read_text())) in doc, f"rerun {bench.__name__} --markdown-only"
 
 
 # ---- frost textures, devices

@@ -1,8 +1,8 @@
 """Digital corruptions: brightness, contrast, saturate, elastic transform, pixelate, JPEG.
 
-Per-severity parameters are imagecorruptions' (the ImageNet-C code). HSV is scikit-image's conversion;
-pixelate reproduces PIL's BOX-down / NEAREST-up resize; JPEG goes through libjpeg (torchvision.io)
-at the PIL quality, on the CPU.
+Per-severity parameters are imagecorruptions' (the ImageNet-C code). Brightness and saturate change V
+or S of scikit-image's HSV, in closed form on RGB; pixelate reproduces PIL's BOX-down / NEAREST-up
+resize; JPEG goes through libjpeg (torchvision.io) at the PIL quality, on the CPU.
 """
 
 from __future__ import annotations
@@ -13,58 +13,40 @@ import torch
 from torchvision.io import decode_jpeg, encode_jpeg
 
 from robust.eval.corruptions import register
-from robust.eval.corruptions._filters import gaussian_blur, rand, warp
+from robust.eval.corruptions._filters import AxisMap, along_h, along_w, axis_map, gaussian_blur, rand, warp
 
 Tensor = torch.Tensor
-
-# hsv_to_rgb picks (r, g, b) from (v, p, q, t) by hue sector (skimage.color.hsv2rgb's np.choose).
-_SECTOR_RGB = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
-
-
-def rgb_to_hsv(x_BCHW: Tensor) -> Tensor:
-    """``skimage.color.rgb2hsv`` on (B, 3, H, W): hue in [0, 1), ties resolved blue > green > red."""
-    r, g, b = x_BCHW.unbind(1)
-    v = x_BCHW.amax(1)
-    delta = v - x_BCHW.amin(1)
-    grey = delta == 0
-    safe = torch.where(grey, torch.ones_like(delta), delta)
-    h = torch.where(r == v, (g - b) / safe, torch.zeros_like(v))
-    h = torch.where(g == v, 2 + (b - r) / safe, h)
-    h = torch.where(b == v, 4 + (r - g) / safe, h)
-    h = torch.where(grey, torch.zeros_like(h), (h / 6) % 1)
-    s = torch.where(grey, torch.zeros_like(v), delta / torch.where(v == 0, torch.ones_like(v), v))
-    return torch.stack([h, s, v], 1)
-
-
-def hsv_to_rgb(hsv_BCHW: Tensor) -> Tensor:
-    """``skimage.color.hsv2rgb`` on (B, 3, H, W)."""
-    h, s, v = hsv_BCHW.unbind(1)
-    sector = torch.floor(h * 6)
-    f = h * 6 - sector
-    vpqt = torch.stack([v, v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)], 1)
-    pick = _SECTOR_RGB.to(h.device)[sector.long() % 6].permute(0, 3, 1, 2)
-    return vpqt.gather(1, pick)
 
 
 @register("brightness")
 def brightness(x: Tensor, severity: int, generator: torch.Generator | None) -> Tensor:
-    hsv = rgb_to_hsv(x)
-    hsv[:, 2] = (hsv[:, 2] + (0.1, 0.2, 0.3, 0.4, 0.5)[severity - 1]).clamp(0, 1)
-    return hsv_to_rgb(hsv)
+    # The reference adds to V in scikit-image's HSV. Every RGB channel is V times a function of H and S,
+    # so with H and S kept the channels scale by V'/V; black (V = 0, grey hue) becomes grey V'.
+    v = x.amax(1, keepdim=True)
+    v_new = (v + (0.1, 0.2, 0.3, 0.4, 0.5)[severity - 1]).clamp_(max=1)
+    return torch.where(v > 0, x * (v_new / v), v_new)
 
 
 @register("saturate")
 def saturate(x: Tensor, severity: int, generator: torch.Generator | None) -> Tensor:
+    # The reference sets S' = clip(S * scale + shift, 0, 1) in scikit-image's HSV. Each channel is
+    # V (1 - S a) with a depending on the hue only, so with V and H kept, x' = V - (S' / S) (V - x).
+    # Grey pixels (S = 0) have hue 0, which hsv2rgb turns into (V, V (1 - S'), V (1 - S')).
     scale, shift = ((0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2))[severity - 1]
-    hsv = rgb_to_hsv(x)
-    hsv[:, 1] = (hsv[:, 1] * scale + shift).clamp(0, 1)
-    return hsv_to_rgb(hsv)
+    v = x.amax(1, keepdim=True)
+    delta = v - x.amin(1, keepdim=True)
+    grey = delta == 0
+    s = delta / torch.where(grey, 1.0, v)
+    s_new = (s * scale + shift).clamp_(0, 1)
+    coloured = v - (s_new / torch.where(grey, 1.0, s)) * (v - x)
+    not_red = torch.tensor([0.0, 1.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    return torch.where(grey, v * (1 - s_new * not_red), coloured)
 
 
 @register("contrast")
 def contrast(x: Tensor, severity: int, generator: torch.Generator | None) -> Tensor:
     means = x.mean((2, 3), keepdim=True)  # per image and channel
-    return (x - means) * (0.4, 0.3, 0.2, 0.1, 0.05)[severity - 1] + means
+    return (x - means).mul_((0.4, 0.3, 0.2, 0.1, 0.05)[severity - 1]).add_(means)
 
 
 @register("elastic_transform")
@@ -82,13 +64,18 @@ def elastic_transform(x: Tensor, severity: int, generator: torch.Generator | Non
 def pixelate(x: Tensor, severity: int, generator: torch.Generator | None) -> Tensor:
     factor = (0.6, 0.5, 0.4, 0.3, 0.25)[severity - 1]
     h, w = x.shape[-2:]
-    sh, sw = int(h * factor), int(w * factor)
-    small = torch.einsum("ih,bchw,jw->bcij", _box_matrix(h, sh).to(x), x, _box_matrix(w, sw).to(x))
-    rows, cols = _nearest_index(sh, h).to(x.device), _nearest_index(sw, w).to(x.device)
-    return small.index_select(2, rows).index_select(3, cols)
+    return along_h(along_w(x, _pixelate_map(w, factor, x.device, x.dtype)), _pixelate_map(h, factor, x.device, x.dtype))
 
 
 @functools.lru_cache(maxsize=64)
+def _pixelate_map(n: int, factor: float, device: torch.device, dtype: torch.dtype) -> AxisMap:
+    """PIL's BOX resize from n to int(n * factor) samples then NEAREST back to n, as one (n, n) map."""
+    small = max(1, int(n * factor))  # the reference (PIL) fails below 1
+    up = torch.zeros(small, n, dtype=torch.float64)
+    up[_nearest_index(small, n), torch.arange(n)] = 1
+    return axis_map(_box_matrix(n, small).T @ up, device, dtype)
+
+
 def _box_matrix(n_in: int, n_out: int) -> Tensor:
     """PIL's BOX resampling weights (precompute_coeffs), shape (n_out, n_in)."""
     scale = n_in / n_out
@@ -103,7 +90,6 @@ def _box_matrix(n_in: int, n_out: int) -> Tensor:
     return weight / weight.sum(1, keepdim=True)
 
 
-@functools.lru_cache(maxsize=64)
 def _nearest_index(n_in: int, n_out: int) -> Tensor:
     """PIL's NEAREST resize source index: a running sum of in/out from half a step (ImagingScaleAffine)."""
     step, pos, out = n_in / n_out, 0.5 * n_in / n_out, []
@@ -118,6 +104,6 @@ def jpeg_compression(x: Tensor, severity: int, generator: torch.Generator | None
     # libjpeg on the CPU, as PIL: the same quality tables and 4:2:0 chroma, so the same bytes. (nvJPEG on
     # CUDA would save the copy, but its output has not been checked against PIL.)
     quality = (25, 18, 15, 10, 7)[severity - 1]
-    images = list((x * 255).round().to(torch.uint8).cpu())
+    images = list(x.mul(255).round_().to(torch.uint8).cpu())
     decoded = decode_jpeg(encode_jpeg(images, quality=quality))
-    return torch.stack(decoded).to(x.device, x.dtype) / 255
+    return torch.stack(decoded).to(x.device, x.dtype).div_(255)

@@ -34,7 +34,7 @@ def fog(x: Tensor, severity: int, generator: torch.Generator | None) -> Tensor:
     mapsize = 1 << (max(h, w) - 1).bit_length()  # next power of two
     haze = plasma_fractal(b, mapsize, decay, like=x, generator=generator)[:, None, :h, :w]
     peak = x.amax((1, 2, 3), keepdim=True)
-    return (x + strength * haze) * peak / (peak + strength)
+    return torch.add(x, haze, alpha=strength).mul_(peak / (peak + strength))
 
 
 @register("snow")
@@ -47,12 +47,12 @@ def snow(x: Tensor, severity: int, generator: torch.Generator | None) -> Tensor:
         (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55),
     )[severity - 1]
     b, _, h, w = x.shape
-    flakes = clipped_zoom(randn(b, 1, h, w, like=x, generator=generator) * std + mean, zoom)
-    flakes = torch.where(flakes < threshold, 0.0, flakes).clamp(0, 1)
+    flakes = clipped_zoom(randn(b, 1, h, w, like=x, generator=generator).mul_(std).add_(mean), zoom)
+    flakes = flakes.masked_fill_(flakes < threshold, 0.0).clamp_(0, 1)
     angle_B = rand(b, like=x, generator=generator) * 90 - 135  # degrees, uniform(-135, -45)
-    flakes = torch.round(motion_blur(flakes, radius, sigma, angle_B) * 255)[..., :h, :w] / 255
-    x = keep * x + (1 - keep) * torch.maximum(x, rgb_to_gray(x) * 1.5 + 0.5)
-    return x + flakes + flakes.flip(-2, -1)
+    flakes = motion_blur(flakes, radius, sigma, angle_B)[..., :h, :w].mul(255).round_().div_(255)
+    out = torch.maximum(x, rgb_to_gray(x).mul_(1.5).add_(0.5)).mul_(1 - keep).add_(x, alpha=keep)
+    return out.add_(flakes).add_(flakes.flip(-2, -1))
 
 
 @register("spatter")
@@ -65,19 +65,19 @@ def spatter(x: Tensor, severity: int, generator: torch.Generator | None) -> Tens
         (0.67, 0.4, 1, 0.65, 1.5, 1),
     )[severity - 1]
     b, _, h, w = x.shape
-    liquid = gaussian_blur(randn(b, 1, h, w, like=x, generator=generator) * std + mean, sigma)
-    liquid = torch.where(liquid < threshold, 0.0, liquid)
+    liquid = gaussian_blur(randn(b, 1, h, w, like=x, generator=generator).mul_(std).add_(mean), sigma)
+    liquid = liquid.masked_fill_(liquid < threshold, 0.0)
     if mud:
         m = gaussian_blur((liquid > threshold).float(), strength)
-        m = torch.where(m < 0.8, 0.0, m)
-        return x * (1 - m) + m * _colour((63, 42, 20), x)
-    return x + _water(liquid, strength) * _colour((175, 238, 238), x)
+        m = m.masked_fill_(m < 0.8, 0.0)
+        return torch.lerp(x, _colour((63, 42, 20), x), m)  # x (1 - m) + m colour
+    return torch.addcmul(x, _water(liquid, strength), _colour((175, 238, 238), x))
 
 
 def _water(liquid_B1HW: Tensor, strength: float) -> Tensor:
     """The reference's water-drop intensity: 8-bit edges, their distance map, equalised and embossed."""
     levels = torch.floor(liquid_B1HW * 255).clamp(0, 255)
-    dist = torch.floor(box3(chamfer_distance(canny(levels, 50, 150), 20)))
+    dist = box3(chamfer_distance(canny(levels, 50, 150), 20)).floor_()
     dist = equalize_hist(dist)
     emboss = torch.tensor([[-2.0, -1.0, 0.0], [-1.0, 1.0, 1.0], [0.0, 1.0, 2.0]], dtype=torch.float64)
     dist = torch.round(box3(torch.round(filter2d(dist, emboss, "reflect")).clamp(0, 255)))
@@ -94,17 +94,14 @@ def frost(x: Tensor, severity: int, generator: torch.Generator | None) -> Tensor
     keep, amount = ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))[severity - 1]
     b, _, h, w = x.shape
     textures = _fitted_frost(frost_texture_source(), h, w, x.device)
-    pick = randint(0, len(textures), b, like=x, generator=generator)
-    corner = rand(b, 2, like=x, generator=generator)
-    overlay = torch.empty_like(x)
-    for k, tex in enumerate(textures):  # one gather per texture, over the images that drew it
-        sel = (pick == k).nonzero().squeeze(1)
-        free = torch.tensor(tex.shape[-2:], device=x.device) - torch.tensor([h, w], device=x.device)
-        top, left = (corner[sel] * free).long().unbind(1)  # uniform over the reference's randint(0, free)
-        rows = top[:, None] + torch.arange(h, device=x.device)
-        cols = left[:, None] + torch.arange(w, device=x.device)
-        overlay[sel] = tex[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1)
-    return keep * x + amount * overlay
+    pick = randint(0, len(textures), b, like=x, generator=generator).tolist()
+    corner = rand(b, 2, like=x, generator=generator).tolist()
+    out = x * keep
+    for n, (k, (cy, cx)) in enumerate(zip(pick, corner)):
+        tex = textures[k]
+        top, left = int(cy * (tex.shape[1] - h)), int(cx * (tex.shape[2] - w))  # the reference's randint(0, free)
+        out[n].add_(tex[:, top : top + h, left : left + w], alpha=amount)
+    return out
 
 
 @functools.cache

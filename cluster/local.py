@@ -1,26 +1,28 @@
 """``preset=local``: the whole DAD pipeline on one CPU machine on the built-in digits data set.
 
 Cached stages (reused on a second run, under ``<run.out_dir>/cache``): digits shards, a small
-AugMix-robust teacher, a small VQGAN. Then three students of one architecture (CE, KD, DAD) train
-through the real pools: one teacher actor and two DeepSpeed ZeRO-2 workers on a local Ray cluster.
+AugMix-robust teacher and a small VQGAN (built side by side, one process and one thread each). Then
+three students of one architecture (CE, KD, DAD) train through the real pools: one teacher actor and
+two DeepSpeed ZeRO-2 workers on a local Ray cluster.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import json
 
 import torch
 from safetensors.torch import save_file
 
-from robust.cache import cached_stage
+from cluster.stages import build_side_by_side
+from robust.cache import cache_dir_for, cached_stage, is_cached
 from robust.data.digits import build_digits_shards, digits_arrays
 from robust.models.vqgan import VQGANConfig
 from robust.models.vqgan_train import VQGANTrainConfig, train_vqgan
-from robust.teacher_train import TeacherTrainConfig, cached_teacher
+from robust.teacher_train import TeacherTrainConfig, cached_teacher, teacher_cache_dir
 
 
 @dataclass
@@ -57,10 +59,17 @@ def prepare_local(cfg) -> dict[str, Path]:
     cache = Path(cfg.run.out_dir).expanduser().resolve() / "cache"
     dirs = build_digits_shards(cache / "digits")
     cfg.data.train_shards, cfg.data.test_shards = str(dirs["train"]), str(dirs["test"])
+    missing = {teacher_cache_dir(cache, cfg.local.teacher): functools.partial(cached_teacher, cache, cfg.local.teacher),
+               cache_dir_for(cache, "vqgan", _vqgan_stage(cfg.local)): functools.partial(cached_vqgan, cache, cfg.local)}
+    build_side_by_side([build for out, build in missing.items() if not is_cached(out)])
     _, teacher_dir = cached_teacher(cache, cfg.local.teacher)
     cfg.teacher.timm = dataclasses.replace(cfg.local.teacher.model, checkpoint=str(teacher_dir / "teacher.safetensors"))
     cfg.vqgan = cached_vqgan(cache, cfg.local)
     return {"teacher": teacher_dir}
+
+
+def _vqgan_stage(cfg: LocalConfig) -> dict:
+    return {"vqgan": cfg.vqgan, "steps": cfg.vqgan_steps}
 
 
 def cached_vqgan(cache: Path, cfg: LocalConfig) -> VQGANConfig:
@@ -78,6 +87,5 @@ def cached_vqgan(cache: Path, cfg: LocalConfig) -> VQGANConfig:
         save_file(vqgan.state_dict(), out / "vqgan.safetensors")
         (out / "stats.json").write_text(json.dumps(stats, indent=2))
 
-    stage = {"vqgan": cfg.vqgan, "steps": cfg.vqgan_steps}
-    out = cached_stage(cache, "vqgan", stage, build)
+    out = cached_stage(cache, "vqgan", _vqgan_stage(cfg), build)
     return dataclasses.replace(cfg.vqgan.vqgan, checkpoint=str(out / "vqgan.safetensors"))

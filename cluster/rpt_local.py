@@ -1,19 +1,23 @@
 """``preset=local`` of the RPT recipe: the whole method on one CPU machine on the built-in digits.
 
 Cached stages (under ``<run.out_dir>/cache``, shared with the DAD preset): digits shards, the "large"
-model pretrained on clean digits (plain CE), the small robust teacher trained with AugMix +
-DeepAugment. Then RPT and the baselines tune the large model through the real pools.
+model pretrained on clean digits (plain CE) and the small robust teacher trained with AugMix +
+DeepAugment, built side by side (one process and one thread each). Then RPT and the baselines tune
+the large model through the real pools.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.stages import build_side_by_side
+from robust.cache import is_cached
 from robust.data.digits import build_digits_shards
 from robust.models.timm_models import TimmConfig
-from robust.teacher_train import TeacherTrainConfig, cached_teacher
+from robust.teacher_train import TeacherTrainConfig, cached_teacher, teacher_cache_dir
 
 
 @dataclass
@@ -47,6 +51,8 @@ def prepare_local(cfg) -> dict[str, Path]:
     dirs = build_digits_shards(cache / "digits")
     cfg.data.train_shards, cfg.data.test_shards = str(dirs["train"]), str(dirs["test"])
     local: RptLocalConfig = cfg.local
+    build_side_by_side([functools.partial(cached_teacher, cache, stage) for stage in (local.large, local.teacher)
+                        if not is_cached(teacher_cache_dir(cache, stage))])
     _, large_dir = cached_teacher(cache, local.large)
     _, teacher_dir = cached_teacher(cache, local.teacher)
     cfg.large.timm = dataclasses.replace(local.large.model, checkpoint=str(large_dir / "teacher.safetensors"))

@@ -17,6 +17,11 @@ def cache_dir_for(root: str | Path, name: str, cfg: Any) -> Path:
     return Path(root) / f"{name}-{hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:12]}"
 
 
+def is_cached(stage_dir: Path) -> bool:
+    """Whether a stage directory of ``cached_stage`` is complete (its config is written last)."""
+    return (stage_dir / "config.yaml").is_file()
+
+
 def cached_stage(root: str | Path, name: str, cfg: Any, build: Callable[[Path], None]) -> Path:
     """Return the stage's directory, running ``build(tmp_dir)`` first when it is not cached yet.
 
@@ -24,7 +29,7 @@ def cached_stage(root: str | Path, name: str, cfg: Any, build: Callable[[Path], 
     config beside them, so an interrupted run never leaves a partial cache.
     """
     out = cache_dir_for(root, name, cfg)
-    if (out / "config.yaml").is_file():
+    if is_cached(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
@@ -34,7 +39,7 @@ def cached_stage(root: str | Path, name: str, cfg: Any, build: Callable[[Path], 
         try:
             tmp.rename(out)
         except OSError:
-            if not (out / "config.yaml").is_file():  # anything but a concurrent run that finished first
+            if not is_cached(out):  # anything but a concurrent run that finished first
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

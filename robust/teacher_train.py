@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from robust.augment import AugMixConfig, augmix_batch, augmix_transform, jsd_loss_fn
-from robust.cache import cached_stage
+from robust.cache import cache_dir_for, cached_stage
 from robust.data.digits import digits_arrays
 from robust.deepaugment import DeepAugConfig, autoencoder_for, deepaugment_dataset
 from robust.models.timm_models import TimmConfig, build_timm, export_timm, load_exported
@@ -147,7 +147,7 @@ def _train(model: nn.Module, x_NHWC: np.ndarray, y_N: np.ndarray, cfg: TeacherTr
     steps_per_epoch = len(y_N) // cfg.batch_size  # drop the last partial batch: BN sees full batches
     total_steps = cfg.epochs * steps_per_epoch
     step = 0
-    bar = tqdm(total=total_steps, desc="teacher", disable=not progress)
+    bar = tqdm(total=total_steps, desc=f"train {cfg.model.name}", disable=not progress)
     for _ in range(cfg.epochs):
         order = torch.randperm(len(y_N)).numpy()
         for i in range(steps_per_epoch):
@@ -180,3 +180,8 @@ def cached_teacher(cache_dir: str | Path, cfg: TeacherTrainConfig, *, progress: 
 
     out = cached_stage(cache_dir, STEM, cfg, build)
     return load_exported(out, stem=STEM).eval().requires_grad_(False), out
+
+
+def teacher_cache_dir(cache_dir: str | Path, cfg: TeacherTrainConfig) -> Path:
+    """Where ``cached_teacher`` keeps the teacher of ``cfg``."""
+    return cache_dir_for(cache_dir, STEM, cfg)

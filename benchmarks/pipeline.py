@@ -5,7 +5,7 @@ Measured in one run on one local Ray cluster (same pool sizes throughout):
   student alone   the student pool trained from pre-generated DAD shards (no teacher in the loop)
   full            the online pipeline: teacher pool feeding the student pool
 Target: full >= 0.9 x the slower stage alone (each rate in its steady state: see ``teacher_rate`` and
-``student_rate``). Also the one-time offline generation cost, the cost of one student epoch online and
+``student_rate``; the teacher alone and the full pipeline alternate for 3 rounds, the median round counts). Also the one-time offline generation cost, the cost of one student epoch online and
 offline, and the largest object-store use seen while the full pipeline ran (at the benchmark's 2 MB
 bound, and in a second full run at the preset's own bound).
 
@@ -35,6 +35,7 @@ from cluster.teacher_pool import TeacherJob, teacher_stream  # noqa: E402
 from robust.config import load_config, split_cli  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "pipeline.json"
+ROUNDS = 3  # the machine is shared and noisy: the overlap ratio is the median round's
 
 
 class StoreSampler(threading.Thread):
@@ -86,14 +87,13 @@ def main(argv: list[str]) -> None:
     cfg = load_config(DadRecipeConfig, presets=[LOCAL_PRESET], overrides=[
         "run.name=bench", "run.epochs=3", "run.log_every=2", "data.max_in_flight_mb=2", *overrides])
     prepare_local(cfg)
-    for name in ("bench", "bench-offline", "bench-preset-bound"):  # a run dir left by an earlier benchmark would be resumed
+    names = [f"bench-{i}" for i in range(ROUNDS)] + ["bench-offline", "bench-preset-bound"]
+    for name in names:  # a run dir left by an earlier benchmark would be resumed
         shutil.rmtree(Path(cfg.run.out_dir).resolve() / name, ignore_errors=True)
     start_ray(cfg.ray, cfg.pools)
     ray.data.DataContext.get_current().enable_progress_bars = False
     n = count_samples(cfg.data.train_shards)
     results: dict = {"machine": machine(), "samples_per_epoch": n, "pools": dataclasses.asdict(cfg.pools)}
-
-    results["teacher_alone_samples_per_s"] = teacher_rate(cfg)
 
     offline = dataclasses.replace(cfg, dad=dataclasses.replace(cfg.dad, mode="offline"),
                                   run=dataclasses.replace(cfg.run, name="bench-offline"))
@@ -103,9 +103,20 @@ def main(argv: list[str]) -> None:
     write_offline(teacher_stream(read_raw(cfg.data.train_shards), job, cfg.pools.teacher), out_dir / "dad_shards",
                   total=n, num_classes=cfg.student.num_classes)
     results["offline_generation_s"] = time.perf_counter() - t0
-    results["student_alone_samples_per_s"] = student_rate(train_method(offline, "dad", cfg.student.num_classes))
+    student = student_rate(train_method(offline, "dad", cfg.student.num_classes))
+    results["student_alone_samples_per_s"] = student
 
-    results["full_samples_per_s"], results["object_store_max_bytes_in_flight"] = full_run(cfg)
+    rounds = []
+    for i in range(ROUNDS):  # the teacher pool alone and the full pipeline alternate
+        teacher = teacher_rate(cfg)
+        full, max_bytes = full_run(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"bench-{i}")))
+        rounds.append({"teacher_alone_samples_per_s": teacher, "full_samples_per_s": full,
+                       "full_over_slower_stage": full / min(teacher, student),
+                       "object_store_max_bytes_in_flight": max_bytes})
+    median = sorted(rounds, key=lambda r: r["full_over_slower_stage"])[ROUNDS // 2]
+    results |= {k: median[k] for k in ("teacher_alone_samples_per_s", "full_samples_per_s", "full_over_slower_stage")}
+    results["rounds"] = rounds
+    results["object_store_max_bytes_in_flight"] = max(r["object_store_max_bytes_in_flight"] for r in rounds)
     results["object_store_bound_bytes"] = cfg.data.max_in_flight_mb * 2**20
     # Ray Data admits one task per operator and a block per consumer past the bound, so a 2 MB bound is
     # below the floor of what is in flight; the preset's own bound is the one a run keeps to.
@@ -115,11 +126,8 @@ def main(argv: list[str]) -> None:
     _, max_bytes = full_run(preset)
     results["at_preset_bound"] = {"object_store_bound_bytes": preset_mb * 2**20,
                                   "object_store_max_bytes_in_flight": max_bytes}
-
-    slower = min(results["teacher_alone_samples_per_s"], results["student_alone_samples_per_s"])
-    results["full_over_slower_stage"] = results["full_samples_per_s"] / slower
     results["online_epoch_s"] = n / results["full_samples_per_s"]
-    results["offline_epoch_s"] = n / results["student_alone_samples_per_s"]
+    results["offline_epoch_s"] = n / student
     print(json.dumps(results, indent=2))
     save_result(OUT, results)
 

@@ -59,9 +59,9 @@ def prepare_local(cfg) -> dict[str, Path]:
     cache = Path(cfg.run.out_dir).expanduser().resolve() / "cache"
     dirs = build_digits_shards(cache / "digits")
     cfg.data.train_shards, cfg.data.test_shards = str(dirs["train"]), str(dirs["test"])
-    missing = {teacher_cache_dir(cache, cfg.local.teacher): functools.partial(cached_teacher, cache, cfg.local.teacher),
-               cache_dir_for(cache, "vqgan", _vqgan_stage(cfg.local)): functools.partial(cached_vqgan, cache, cfg.local)}
-    build_side_by_side([build for out, build in missing.items() if not is_cached(out)])
+    stages = {teacher_cache_dir(cache, cfg.local.teacher): functools.partial(cached_teacher, cache, cfg.local.teacher),
+              cache_dir_for(cache, "vqgan", _vqgan_stage(cfg.local)): functools.partial(cached_vqgan, cache, cfg.local)}
+    build_side_by_side([build for out, build in stages.items() if not is_cached(out)])
     _, teacher_dir = cached_teacher(cache, cfg.local.teacher)
     cfg.teacher.timm = dataclasses.replace(cfg.local.teacher.model, checkpoint=str(teacher_dir / "teacher.safetensors"))
     cfg.vqgan = cached_vqgan(cache, cfg.local)

@@ -5,11 +5,12 @@ Measured in one run on one local Ray cluster (same pool sizes throughout):
   student alone   the student pool trained from pre-generated DAD shards (no teacher in the loop)
   full            the online pipeline: teacher pool feeding the student pool
 Target: full >= 0.9 x the slower stage alone (each rate in its steady state: see ``teacher_rate`` and
-``student_rate``; the teacher alone and the full pipeline alternate for 3 rounds, the median round counts). Also the one-time offline generation cost, the cost of one student epoch online and
-offline, and the largest object-store use seen while the full pipeline ran (at the benchmark's 2 MB
-bound, and in a second full run at the preset's own bound).
+``student_rate``; the teacher alone and the full pipeline alternate for 3 rounds, the median round
+counts). Also the one-time offline generation cost, the cost of one student epoch online and offline,
+and the largest object-store use seen while the full pipeline ran (at the benchmark's 2 MB bound, and
+in a second full run at the preset's own bound).
 
-    .venv/bin/python benchmarks/pipeline.py [run.epochs=2 ...]     -> benchmarks/results/pipeline.json
+    .venv/bin/python benchmarks/pipeline.py [run.epochs=4 ...]     -> benchmarks/results/pipeline.json
 """
 
 from __future__ import annotations

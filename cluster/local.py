@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from cluster.stages import build_side_by_side
-from robust.cache import cache_dir_for, cached_stage, is_cached
+from robust.cache import cache_dir_for, cached_stage
 from robust.data.digits import build_digits_shards, digits_arrays
 from robust.models.vqgan import VQGANConfig
 from robust.models.vqgan_train import VQGANTrainConfig, train_vqgan
@@ -59,13 +59,17 @@ def prepare_local(cfg) -> dict[str, Path]:
     cache = Path(cfg.run.out_dir).expanduser().resolve() / "cache"
     dirs = build_digits_shards(cache / "digits")
     cfg.data.train_shards, cfg.data.test_shards = str(dirs["train"]), str(dirs["test"])
-    stages = {teacher_cache_dir(cache, cfg.local.teacher): functools.partial(cached_teacher, cache, cfg.local.teacher),
-              cache_dir_for(cache, "vqgan", _vqgan_stage(cfg.local)): functools.partial(cached_vqgan, cache, cfg.local)}
-    build_side_by_side([build for out, build in stages.items() if not is_cached(out)])
+    build_side_by_side({
+        teacher_cache_dir(cache, cfg.local.teacher): functools.partial(cached_teacher, cache, cfg.local.teacher),
+        cache_dir_for(cache, VQGAN_STAGE, _vqgan_stage(cfg.local)): functools.partial(cached_vqgan, cache, cfg.local),
+    })
     _, teacher_dir = cached_teacher(cache, cfg.local.teacher)
     cfg.teacher.timm = dataclasses.replace(cfg.local.teacher.model, checkpoint=str(teacher_dir / "teacher.safetensors"))
     cfg.vqgan = cached_vqgan(cache, cfg.local)
     return {"teacher": teacher_dir}
+
+
+VQGAN_STAGE = "vqgan"
 
 
 def _vqgan_stage(cfg: LocalConfig) -> dict:
@@ -87,5 +91,5 @@ def cached_vqgan(cache: Path, cfg: LocalConfig) -> VQGANConfig:
         save_file(vqgan.state_dict(), out / "vqgan.safetensors")
         (out / "stats.json").write_text(json.dumps(stats, indent=2))
 
-    out = cached_stage(cache, "vqgan", _vqgan_stage(cfg), build)
+    out = cached_stage(cache, VQGAN_STAGE, _vqgan_stage(cfg), build)
     return dataclasses.replace(cfg.vqgan.vqgan, checkpoint=str(out / "vqgan.safetensors"))

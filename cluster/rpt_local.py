@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.stages import build_side_by_side
-from robust.cache import is_cached
 from robust.data.digits import build_digits_shards
 from robust.models.timm_models import TimmConfig
 from robust.teacher_train import TeacherTrainConfig, cached_teacher, teacher_cache_dir
@@ -51,8 +50,8 @@ def prepare_local(cfg) -> dict[str, Path]:
     dirs = build_digits_shards(cache / "digits")
     cfg.data.train_shards, cfg.data.test_shards = str(dirs["train"]), str(dirs["test"])
     local: RptLocalConfig = cfg.local
-    build_side_by_side([functools.partial(cached_teacher, cache, stage) for stage in (local.large, local.teacher)
-                        if not is_cached(teacher_cache_dir(cache, stage))])
+    build_side_by_side({teacher_cache_dir(cache, stage): functools.partial(cached_teacher, cache, stage)
+                        for stage in (local.large, local.teacher)})
     _, large_dir = cached_teacher(cache, local.large)
     _, teacher_dir = cached_teacher(cache, local.teacher)
     cfg.large.timm = dataclasses.replace(local.large.model, checkpoint=str(large_dir / "teacher.safetensors"))

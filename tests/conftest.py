@@ -34,7 +34,8 @@ def _png(x_HWC: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory):
-    """N_SMALL digits (32 px) in 3 shards (and the same in 25), plus one sample with undecodable image bytes."""
+    """N_SMALL digits (32 px) in 3 shards (and the same in 25 small ones), plus one sample with
+    undecodable image bytes."""
     from robust.data.digits import digits_arrays
     from robust.data.shards import make_sample, write_shards
 
@@ -46,4 +47,5 @@ def small_shards(tmp_path_factory):
     write_shards(samples, root / "train_fine", prefix="train", max_per_shard=8, num_classes=10)  # 25 shards
     test = [make_sample(f"t{i:04d}", _png(x_test[i]), int(y_test[i])) for i in range(96)]
     write_shards(test, root / "test", prefix="test", max_per_shard=50, num_classes=10)
-    return {"train": root / "train", "train_fine": root / "train_fine", "test": root / "test", "keys": [s["__key__"] for s in samples]}
+    return {"train": root / "train", "train_fine": root / "train_fine", "test": root / "test",
+            "keys": [s["__key__"] for s in samples]}

@@ -8,7 +8,8 @@ Target: full >= 0.9 x the slower stage alone (each rate in its steady state: see
 ``student_rate``; the teacher alone and the full pipeline alternate for 3 rounds, the median round
 counts). Also the one-time offline generation cost, the cost of one student epoch online and offline,
 and the largest object-store use seen while the full pipeline ran (at the benchmark's 2 MB bound, and
-in a second full run at the preset's own bound).
+in a second full run at the preset's own bound), and a full run with the student workers at normal CPU
+priority (``pools.student.nice=0``; the preset lowers theirs so the teacher keeps its core).
 
     .venv/bin/python benchmarks/pipeline.py [run.epochs=4 ...]     -> benchmarks/results/pipeline.json
 """
@@ -63,7 +64,8 @@ def teacher_rate(cfg: DadRecipeConfig) -> float:
     """Samples/s of the teacher pool's DAD stream consumed by the driver, after its first batch (which
     waits for the actor to build its models)."""
     job = TeacherJob(mode="dad", teacher=cfg.teacher, vqgan=cfg.vqgan, dad=cfg.dad, augment=cfg.augment)
-    it = iter(teacher_stream(read_raw(cfg.data.train_shards), job, cfg.pools.teacher).iter_batches(batch_size=None))
+    raw = read_raw(cfg.data.train_shards, epochs=cfg.run.epochs)  # the same samples as a full run
+    it = iter(teacher_stream(raw, job, cfg.pools.teacher).iter_batches(batch_size=None))
     next(it)
     t0, count = time.perf_counter(), 0
     for batch in it:
@@ -88,7 +90,7 @@ def main(argv: list[str]) -> None:
     cfg = load_config(DadRecipeConfig, presets=[LOCAL_PRESET], overrides=[
         "run.name=bench", "run.epochs=3", "run.log_every=2", "data.max_in_flight_mb=2", *overrides])
     prepare_local(cfg)
-    names = [f"bench-{i}" for i in range(ROUNDS)] + ["bench-offline", "bench-preset-bound"]
+    names = [f"bench-{i}" for i in range(ROUNDS)] + ["bench-offline", "bench-preset-bound", "bench-nice-0"]
     for name in names:  # a run dir left by an earlier benchmark would be resumed
         shutil.rmtree(Path(cfg.run.out_dir).resolve() / name, ignore_errors=True)
     start_ray(cfg.ray, cfg.pools)
@@ -127,6 +129,13 @@ def main(argv: list[str]) -> None:
     _, max_bytes = full_run(preset)
     results["at_preset_bound"] = {"object_store_bound_bytes": preset_mb * 2**20,
                                   "object_store_max_bytes_in_flight": max_bytes}
+    # The same full run with the student workers at normal priority: on 2 shared cores they then take
+    # CPU time from the teacher, the slower stage (pools.student.nice).
+    greedy = dataclasses.replace(cfg, pools=dataclasses.replace(cfg.pools, student=dataclasses.replace(
+        cfg.pools.student, nice=0)), run=dataclasses.replace(cfg.run, name="bench-nice-0"))
+    rate, _ = full_run(greedy)
+    results["students_at_nice_0"] = {"full_samples_per_s": rate, "full_over_slower_stage": rate / min(
+        results["teacher_alone_samples_per_s"], student)}
     results["online_epoch_s"] = n / results["full_samples_per_s"]
     results["offline_epoch_s"] = n / student
     print(json.dumps(results, indent=2))

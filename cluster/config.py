@@ -27,6 +27,9 @@ class StudentPoolConfig:
     num_workers: int = 8
     gpus_per_worker: float = 1.0  # 0 on a CPU-only cluster
     cpus_per_worker: float = 8.0
+    # os.nice increment of each worker (0-19). On a node the teacher pool shares, a positive value lets
+    # the teacher, the slower stage on CPUs, take a core first; students then run in its gaps.
+    nice: int = 0
 
 
 @dataclass

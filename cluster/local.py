@@ -47,7 +47,8 @@ LOCAL_PRESET: dict = {
     "optim": {"zero_stage": 2, "micro_batch_size": 64, "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 10},
     "pools": {
         "teacher": {"min_actors": 1, "max_actors": 1, "gpus_per_actor": 0, "cpus_per_actor": 1, "batch_size": 64},
-        "student": {"num_workers": 2, "gpus_per_worker": 0, "cpus_per_worker": 1},
+        # the teacher pool is the slower stage: on 2 shared cores it runs at its own speed (benchmarks/pipeline.py)
+        "student": {"num_workers": 2, "gpus_per_worker": 0, "cpus_per_worker": 1, "nice": 10},
     },
     "run": {"name": "local", "methods": ["ce", "kd", "dad"], "epochs": 6, "checkpoint_every": 20, "log_every": 5},
     "ray": {"num_cpus": 4, "object_store_mb": 512},

@@ -57,6 +57,8 @@ def start_ray(cfg: RayInitConfig, pools: PoolsConfig) -> None:
 def begin_run(cfg, out: Path, pools: PoolsConfig) -> None:
     """What every recipe does before its work: the run directory with the resolved config, Ray, and the
     resource check (``cfg`` has ``ray``; an impossible pool size fails here)."""
+    if not 0 <= pools.student.nice <= 19:
+        raise ValueError(f"pools.student.nice must be an os.nice increment in 0..19, got {pools.student.nice}")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     start_ray(cfg.ray, pools)

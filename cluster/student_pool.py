@@ -149,6 +149,7 @@ def train_loop(config: dict) -> None:
     import deepspeed
 
     job: StudentJob = config["job"]
+    os.nice(config["nice"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(1234 + rank)
@@ -232,7 +233,7 @@ def fit_students(job: StudentJob, dataset: ray.data.Dataset, pool: StudentPoolCo
         resources["GPU"] = pool.gpus_per_worker
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "nice": pool.nice},
         scaling_config=ScalingConfig(num_workers=pool.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets={"train": dataset},

@@ -10,7 +10,7 @@ import pytest
 
 from cluster.config import PoolsConfig, StudentPoolConfig, TeacherPoolConfig
 from cluster.dad_run import DadRecipeConfig, check_config
-from cluster.ray_init import check_resources
+from cluster.ray_init import begin_run, check_resources
 from robust.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,3 +46,10 @@ def test_impossible_pool_size_fails_before_training(ray_local):
         check_resources(PoolsConfig(ok.teacher, StudentPoolConfig(num_workers=3, gpus_per_worker=0)))
     with pytest.raises(ValueError, match="GPU: need 2"):
         check_resources(PoolsConfig(TeacherPoolConfig(min_actors=2, gpus_per_actor=1), ok.student))
+
+
+def test_bad_student_nice_fails_before_the_run_dir_exists(tmp_path):
+    cfg = load_config(DadRecipeConfig, overrides=["pools.student.nice=20"])
+    with pytest.raises(ValueError, match="pools.student.nice must be an os.nice increment in 0..19, got 20"):
+        begin_run(cfg, tmp_path / "run", cfg.pools)
+    assert not (tmp_path / "run").exists()

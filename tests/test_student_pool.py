@@ -37,9 +37,9 @@ def test_worker_failure_resumes_from_checkpoint(ray_local, small_shards, tmp_pat
                          augment=AugmentConfig(crop_size=32, scale=[0.7, 1.0], hflip=False))
     pool = TeacherPoolConfig(min_actors=1, max_actors=1, gpus_per_actor=0, cpus_per_actor=1, batch_size=micro)
     stream = teacher_stream(read_raw(str(small_shards["train"]), epochs=epochs, resume=resume), teacher, pool)
-    result = fit_students(job, stream, StudentPoolConfig(num_workers=world, gpus_per_worker=0, cpus_per_worker=1),
-                          name="resume", storage_path=str(tmp_path / "ray"), execution=execution_options(64 * 2**20),
-                          max_failures=2)
+    students = StudentPoolConfig(num_workers=world, gpus_per_worker=0, cpus_per_worker=1, nice=5)
+    result = fit_students(job, stream, students, name="resume", storage_path=str(tmp_path / "ray"),
+                          execution=execution_options(64 * 2**20), max_failures=2)
     assert (tmp_path / "run" / ".failed_once").exists()  # the injected failure happened
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r["step"] for r in rows]

@@ -99,11 +99,14 @@ def _nearest_index(n_in: int, n_out: int) -> Tensor:
     return torch.tensor(out)
 
 
+JPEG_QUALITY = (25, 18, 15, 10, 7)  # PIL's quality per severity
+
+
 @register("jpeg_compression")
 def jpeg_compression(x: Tensor, severity: int, generator: torch.Generator | None) -> Tensor:
     # libjpeg on the CPU, as PIL: the same quality tables and 4:2:0 chroma, so the same bytes. (nvJPEG on
     # CUDA would save the copy, but its output has not been checked against PIL.)
-    quality = (25, 18, 15, 10, 7)[severity - 1]
+    quality = JPEG_QUALITY[severity - 1]
     images = list(x.mul(255).round_().to(torch.uint8).cpu())
     decoded = decode_jpeg(encode_jpeg(images, quality=quality))
     return torch.stack(decoded).to(x.device, x.dtype).div_(255)

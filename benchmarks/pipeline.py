@@ -82,6 +82,13 @@ def full_run(cfg: DadRecipeConfig) -> tuple[float, float]:
     return rate, sampler.max_bytes
 
 
+def _run_as(cfg: DadRecipeConfig, name: str, **sections) -> DadRecipeConfig:
+    """``cfg`` as run ``name`` with ``sections`` replaced; its run dir is cleared first, since a run dir
+    left by an earlier benchmark would be resumed."""
+    shutil.rmtree(Path(cfg.run.out_dir).resolve() / name, ignore_errors=True)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name), **sections)
+
+
 def main(argv: list[str]) -> None:
     _, _, overrides = split_cli(argv)
     # Three epochs and a 2 MB bound (5 teacher batches of 64): the teacher cannot run ahead of the
@@ -90,16 +97,12 @@ def main(argv: list[str]) -> None:
     cfg = load_config(DadRecipeConfig, presets=[LOCAL_PRESET], overrides=[
         "run.name=bench", "run.epochs=3", "run.log_every=2", "data.max_in_flight_mb=2", *overrides])
     prepare_local(cfg)
-    names = [f"bench-{i}" for i in range(ROUNDS)] + ["bench-offline", "bench-preset-bound", "bench-nice-0"]
-    for name in names:  # a run dir left by an earlier benchmark would be resumed
-        shutil.rmtree(Path(cfg.run.out_dir).resolve() / name, ignore_errors=True)
     start_ray(cfg.ray, cfg.pools)
     ray.data.DataContext.get_current().enable_progress_bars = False
     n = count_samples(cfg.data.train_shards)
     results: dict = {"machine": machine(), "samples_per_epoch": n, "pools": dataclasses.asdict(cfg.pools)}
 
-    offline = dataclasses.replace(cfg, dad=dataclasses.replace(cfg.dad, mode="offline"),
-                                  run=dataclasses.replace(cfg.run, name="bench-offline"))
+    offline = _run_as(cfg, "bench-offline", dad=dataclasses.replace(cfg.dad, mode="offline"))
     out_dir = Path(offline.run.out_dir).resolve() / offline.run.name
     job = TeacherJob(mode="dad", teacher=cfg.teacher, vqgan=cfg.vqgan, dad=cfg.dad, augment=cfg.augment)
     t0 = time.perf_counter()
@@ -112,7 +115,7 @@ def main(argv: list[str]) -> None:
     rounds = []
     for i in range(ROUNDS):  # the teacher pool alone and the full pipeline alternate
         teacher = teacher_rate(cfg)
-        full, max_bytes = full_run(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"bench-{i}")))
+        full, max_bytes = full_run(_run_as(cfg, f"bench-{i}"))
         rounds.append({"teacher_alone_samples_per_s": teacher, "full_samples_per_s": full,
                        "full_over_slower_stage": full / min(teacher, student),
                        "object_store_max_bytes_in_flight": max_bytes})
@@ -124,16 +127,14 @@ def main(argv: list[str]) -> None:
     # Ray Data admits one task per operator and a block per consumer past the bound, so a 2 MB bound is
     # below the floor of what is in flight; the preset's own bound is the one a run keeps to.
     preset_mb = LOCAL_PRESET["data"]["max_in_flight_mb"]
-    preset = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_in_flight_mb=preset_mb),
-                                 run=dataclasses.replace(cfg.run, name="bench-preset-bound"))
-    _, max_bytes = full_run(preset)
+    _, max_bytes = full_run(_run_as(cfg, "bench-preset-bound",
+                                    data=dataclasses.replace(cfg.data, max_in_flight_mb=preset_mb)))
     results["at_preset_bound"] = {"object_store_bound_bytes": preset_mb * 2**20,
                                   "object_store_max_bytes_in_flight": max_bytes}
     # The same full run with the student workers at normal priority: on 2 shared cores they then take
     # CPU time from the teacher, the slower stage (pools.student.nice).
-    greedy = dataclasses.replace(cfg, pools=dataclasses.replace(cfg.pools, student=dataclasses.replace(
-        cfg.pools.student, nice=0)), run=dataclasses.replace(cfg.run, name="bench-nice-0"))
-    rate, _ = full_run(greedy)
+    students = dataclasses.replace(cfg.pools.student, nice=0)
+    rate, _ = full_run(_run_as(cfg, "bench-nice-0", pools=dataclasses.replace(cfg.pools, student=students)))
     results["students_at_nice_0"] = {"full_samples_per_s": rate, "full_over_slower_stage": rate / min(
         results["teacher_alone_samples_per_s"], student)}
     results["online_epoch_s"] = n / results["full_samples_per_s"]

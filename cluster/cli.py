@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.k8s import OVERLAYS, load_deploy_config, render
-from cluster.k8s_checks import check_manifests, load_manifests
+from cluster.deploy.k8s import OVERLAYS, load_deploy_config, render
+from cluster.deploy.k8s_checks import check_manifests, load_manifests
 from robust.data.digits import build_digits_shards
 from robust.data.folder import convert_folder
 from robust.data.shards import verify_manifest

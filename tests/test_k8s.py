@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from cluster.config import PoolsConfig, StudentPoolConfig, TeacherPoolConfig
-from cluster.k8s import (OVERLAYS, K8sConfig, PodSize, build_objects, entrypoint, json_patch, load_deploy_config,
+from cluster.deploy.k8s import (OVERLAYS, K8sConfig, PodSize, build_objects, entrypoint, json_patch, load_deploy_config,
                          render, size_groups, write_tree)
-from cluster.k8s_checks import check_manifests, check_pools, load_manifests, pools_from_entrypoint
+from cluster.deploy.k8s_checks import check_manifests, check_pools, load_manifests, pools_from_entrypoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import yaml
 
 from cluster.config import STUDENT_RESOURCE, TEACHER_RESOURCE, PoolsConfig
-from cluster.k8s_checks import STUDENT_GROUP, TEACHER_GROUP, check_manifests
+from cluster.deploy.k8s_checks import STUDENT_GROUP, TEACHER_GROUP, check_manifests
 from robust.config import load_config
 
 IMAGE = f"robust-distill:{version('robust-distill')}"
@@ -30,7 +30,7 @@ WORKDIR = "/app"  # the image's working directory: the entrypoint's recipes/ pat
 RUNS_MOUNT = "/mnt/runs"
 DATA_MOUNT = "/mnt/data"
 UID = 1000  # the image's non-root user
-HEADER = "# Generated from the typed config by cluster/k8s.py (`robust-distill k8s render`); do not edit by hand.\n"
+HEADER = "# Generated from the typed config by cluster/deploy/k8s.py (`robust-distill k8s render`); do not edit by hand.\n"
 LABELS = {"app.kubernetes.io/name": "robust-distill", "app.kubernetes.io/managed-by": "robust-distill-k8s-render"}
 
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,

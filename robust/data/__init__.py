@@ -1,4 +1,5 @@
-"""Data layer: webdataset shards (schema, writer, manifest, reader), ImageFolder conversion, digits.
+"""Data layer: webdataset shards (schema, writer, manifest, reader), image decoding, ImageFolder
+conversion, digits.
 
 The shard sample schema is documented in ``robust.data.shards``.
 """
@@ -7,14 +8,18 @@ from __future__ import annotations
 
 from robust.data.digits import build_digits_shards, digits_arrays
 from robust.data.folder import ConvertReport, class_names_of, convert_folder
+from robust.data.images import UndecodableImage, decode_image
 from robust.data.shards import (
+    DamagedShard,
     Manifest,
     ShardDataset,
     ShardInfo,
     ShardTensors,
-    decode_image,
+    UndecodableSample,
+    decode_row,
     decode_sample,
     index_shards,
+    iter_raw_samples,
     load_shards,
     make_sample,
     read_manifest,
@@ -26,8 +31,8 @@ from robust.data.shards import (
 )
 
 __all__ = [
-    "ConvertReport", "Manifest", "ShardDataset", "ShardInfo", "ShardTensors", "build_digits_shards",
-    "class_names_of", "convert_folder", "decode_image", "decode_sample", "digits_arrays", "index_shards",
-    "load_shards", "make_sample", "read_manifest", "resolve_shards", "shard_name", "verify_manifest",
-    "write_manifest", "write_shards",
+    "ConvertReport", "DamagedShard", "Manifest", "ShardDataset", "ShardInfo", "ShardTensors", "UndecodableImage",
+    "UndecodableSample", "build_digits_shards", "class_names_of", "convert_folder", "decode_image", "decode_row",
+    "decode_sample", "digits_arrays", "index_shards", "iter_raw_samples", "load_shards", "make_sample",
+    "read_manifest", "resolve_shards", "shard_name", "verify_manifest", "write_manifest", "write_shards",
 ]

@@ -1,9 +1,12 @@
 """Convert an ImageFolder tree (``root/class_name/.../img.ext``) into webdataset shards.
 
-Every non-hidden file under a class folder is a candidate; it is kept when PIL fully decodes it and
-it is JPEG or PNG (stored byte-for-byte, no re-encode). Anything else is skipped and reported with
-its reason. Labels follow the sorted class folder names, numerically when all names are integers
-(the official DAD code sorted "0".."999" as strings, which scrambles the labels).
+Every non-hidden file under a class folder is a candidate; it is kept when ``decode_image`` fully
+decodes it (any mode; decompression bombs are refused). JPEG and PNG are stored byte-for-byte (no
+re-encode: readers convert their modes with the same ``decode_image``); any other format PIL reads
+(GIF, BMP, TIFF, WebP, ...) is stored as a PNG of its ``decode_image`` RGB pixels. Files that do not
+decode are skipped and listed with their reason in ``OUT/skipped.tsv`` (path, tab, reason). Labels
+follow the sorted class folder names, numerically when all names are integers (the official DAD code
+sorted "0".."999" as strings, which scrambles the labels).
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from robust.data.shards import LABEL, Manifest, write_shards
+from robust.data.images import UndecodableImage, decode_image
+from robust.data.shards import LABEL, Manifest, encode_png, write_shards
 
-# PIL format -> stored field; other formats would need a re-encode, so they are reported instead.
-_STORED_FORMATS = {"JPEG": "jpg", "PNG": "png"}
+# PIL format -> the field its bytes are stored in as they are; MPO is a JPEG with extra pictures
+# after the first (camera files), which JPEG decoders read as the first picture.
+_STORED_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}
 _CHUNK = 256  # files decoded concurrently; bounds the bytes held in memory
 _SHOWN = 20  # skipped files listed in the printed summary
+SKIPPED = "skipped.tsv"  # every skipped file and its reason, next to the manifest
 
 
 @dataclass
@@ -51,7 +57,7 @@ def convert_folder(
     workers: int = 4,
     overwrite: bool = False,
 ) -> ConvertReport:
-    """Write every decodable JPEG/PNG under ``root``'s class folders to shards in ``out_dir``."""
+    """Write every decodable image under ``root``'s class folders to shards in ``out_dir``."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"image folder {root} does not exist")
@@ -70,10 +76,12 @@ def convert_folder(
                                     class_names=class_names, overwrite=overwrite)
         except ValueError:
             if len(skipped) == len(files):
-                raise ValueError(f"none of the {len(files)} files under {root} is a readable JPEG/PNG image; "
+                raise ValueError(f"none of the {len(files)} files under {root} is a readable image; "
                                  f"first: {skipped[0][0]}: {skipped[0][1]}") from None
             raise
     report = ConvertReport(Path(out_dir), manifest, class_names, skipped)
+    # tabs and newlines in PIL's messages would break the columns
+    (report.out_dir / SKIPPED).write_text("".join(f"{p}\t{' '.join(r.split())}\n" for p, r in skipped))
     _print_summary(root, report)
     return report
 
@@ -99,17 +107,17 @@ def _samples(files: list[tuple[Path, int]], pool: ThreadPoolExecutor, bar: tqdm,
 
 
 def _read_checked(path: Path) -> tuple[tuple[str, bytes] | None, str]:
-    """((field, original bytes), "") for a decodable JPEG/PNG, else (None, reason)."""
+    """((field, bytes to store), "") for a decodable image, else (None, reason)."""
     try:
         data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            image_format = im.format
-            im.load()  # a full decode: Image.verify() misses truncated pixel data
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        x_HWC = decode_image(data)  # a full decode: Image.verify() misses truncated pixel data
+    except (OSError, UndecodableImage) as err:
         return None, f"{type(err).__name__}: {err}"
-    if image_format not in _STORED_FORMATS:
-        return None, f"format {image_format} is not stored byte-for-byte (JPEG and PNG only); convert it to PNG"
-    return (_STORED_FORMATS[image_format], data), ""
+    with Image.open(io.BytesIO(data)) as im:  # decoded above, so this header read succeeds
+        image_format = im.format
+    if image_format in _STORED_FORMATS:
+        return (_STORED_FORMATS[image_format], data), ""
+    return ("png", encode_png(x_HWC)), ""
 
 
 def _print_summary(root: Path, report: ConvertReport) -> None:
@@ -119,4 +127,4 @@ def _print_summary(root: Path, report: ConvertReport) -> None:
     for path, reason in report.skipped[:_SHOWN]:
         print(f"  skipped {path}: {reason}")
     if len(report.skipped) > _SHOWN:
-        print(f"  ... and {len(report.skipped) - _SHOWN} more (ConvertReport.skipped lists all)")
+        print(f"  ... and {len(report.skipped) - _SHOWN} more; {report.out_dir / SKIPPED} lists all")

@@ -14,7 +14,7 @@ DeepAugment paper). Applied in this order:
 Per batch, ``teacher_batch`` prepares the input (CPU) and ``robust_teacher_loss`` is the step's loss:
 a distributed trainer calls these two. ``train_robust_teacher`` is one plain loop over them;
 ``cached_teacher`` trains once on the digits train split and keeps the export
-(``robust.models.timm_models.export_timm``) under a key made of the config.
+(``robust.models.timm_models.export_timm``: a timm folder) under a key made of the config.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from robust.augment import AugMixConfig, augmix_batch, augmix_transform, jsd_los
 from robust.cache import cache_dir_for, cached_stage
 from robust.data.digits import digits_arrays
 from robust.deepaugment import DeepAugConfig, autoencoder_for, deepaugment_dataset
+from robust.eval.sets import EvalSetConfig, timm_data_config
 from robust.models.timm_models import TimmConfig, build_timm, export_timm, load_exported
 from robust.pixmix import PixMixConfig, load_mixing_set, pixmix, sample_mixing
 
-STEM = "teacher"
+STAGE = "timm-teacher"  # the cache stage; "teacher" held the export format before timm's folders
 AUGMENTATIONS = ("augmix", "deepaugment", "pixmix")
 
 
@@ -170,18 +171,21 @@ def _train(model: nn.Module, x_NHWC: np.ndarray, y_N: np.ndarray, cfg: TeacherTr
 
 
 def cached_teacher(cache_dir: str | Path, cfg: TeacherTrainConfig, *, progress: bool = True) -> tuple[nn.Module, Path]:
-    """The frozen teacher for ``cfg`` and its directory ``cache_dir/teacher-<config hash>``: loaded if
-    cached, else trained on the digits train split and exported (``teacher.safetensors``, ``teacher.json``)."""
+    """The frozen teacher for ``cfg`` and its directory ``cache_dir/timm-teacher-<config hash>``: loaded if
+    cached, else trained on the digits train split and exported there as a timm folder (``export_timm``;
+    preprocessing: the digits' size, no crop, as they are evaluated)."""
     check_augmentations(cfg)
 
     def build(out: Path) -> None:
         x_train, y_train, _, _ = digits_arrays()
-        export_timm(train_robust_teacher(x_train, y_train, cfg, progress=progress), cfg.model, out, stem=STEM)
+        evaluated = timm_data_config(EvalSetConfig(image_size=x_train.shape[1], crop_pct=1.0))
+        export_timm(train_robust_teacher(x_train, y_train, cfg, progress=progress), cfg.model, out,
+                    data_config=evaluated)  # fmt: skip
 
-    out = cached_stage(cache_dir, STEM, cfg, build)
-    return load_exported(out, stem=STEM).eval().requires_grad_(False), out
+    out = cached_stage(cache_dir, STAGE, cfg, build)
+    return load_exported(out).eval().requires_grad_(False), out
 
 
 def teacher_cache_dir(cache_dir: str | Path, cfg: TeacherTrainConfig) -> Path:
     """Where ``cached_teacher`` keeps the teacher of ``cfg``."""
-    return cache_dir_for(cache_dir, STEM, cfg)
+    return cache_dir_for(cache_dir, STAGE, cfg)

@@ -8,15 +8,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm.data
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from robust.config import load_config
 from robust.data.shards import make_sample, write_shards
 from robust.eval.class_subsets import IMAGENET_A_INDICES, IMAGENET_R_INDICES, OBJECTNET_GROUPS
 from robust.eval.corruptions import _REGISTRY
 from robust.eval.evaluate import evaluate_set
-from robust.eval.sets import EvalSetConfig, build_eval_set, corrupted_batches
+from robust.eval.sets import (
+    EvalSetConfig,
+    build_eval_set,
+    corrupted_batches,
+    in_distribution,
+    resize_crop,
+    timm_data_config,
+)
 
 torch.manual_seed(0)
 WNIDS = [line for line in pkgutil.get_data("timm.data", "_info/imagenet_synsets.txt").decode().split()]
@@ -144,7 +153,30 @@ def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="image_size"):
         load_config(EvalSetConfig, overrides=["image_size=big"])
     cfg = load_config(EvalSetConfig, overrides=["kind=imagenet-v2", "severities=[1,3]"])
-    assert cfg.kind == "imagenet-v2" and cfg.severities == [1, 3]
+    assert cfg.kind == "imagenet-v2" and cfg.severities == [1, 3] and cfg.shifted  # shifted unless marked
+    _png(tmp_path / "c" / "fog" / "3" / WNIDS[0] / "x.png")
+    with pytest.raises(ValueError, match="cannot be the in-distribution test set"):
+        build_eval_set(_cfg("imagenet-c", tmp_path / "c", shifted=False))
+
+
+def test_the_in_distribution_set_is_the_one_marked_not_shifted(tmp_path):
+    _png(tmp_path / "a" / "x.png")
+    clean, other = (build_eval_set(_cfg("imagefolder", tmp_path, name=n, shifted=n != "test")) for n in ("test", "r"))
+    assert in_distribution([other, clean]) is clean
+    for sets in ([other], [clean, clean]):
+        with pytest.raises(ValueError, match="mark exactly one"):
+            in_distribution(sets)
+
+
+@pytest.mark.parametrize(("image_size", "crop_pct"), [(224, 0.875), (224, 0.9), (32, 1.0), (288, 0.95)])
+def test_clean_preprocessing_resizes_like_timms_eval_transform(image_size, crop_pct):
+    cfg = EvalSetConfig(image_size=image_size, crop_pct=crop_pct)
+    ours = [t for t in resize_crop(cfg).transforms if isinstance(t, v2.Resize)]
+    timms = [t for t in timm.data.create_transform(**timm_data_config(cfg)).transforms
+             if type(t).__name__ == "Resize"]  # fmt: skip
+    assert len(ours) == len(timms) == 1 and ours[0].size == [timms[0].size]  # 224 / 0.9: 248, not round()'s 249
+    x = torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8)
+    assert resize_crop(cfg)(x).shape == (3, image_size, image_size)
 
 
 def _red_green_folder(root: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -21,6 +22,8 @@ from robust.eval.metrics import (
     mean_flip_rate,
     routing_tally,
     summarize,
+    tally_from_columns,
+    tally_to_columns,
 )
 
 torch.manual_seed(0)
@@ -151,7 +154,7 @@ def test_evaluate_batch_with_class_groups():
     x = torch.zeros(3, 3, 4, 4, dtype=torch.uint8)
     x[0, 0], x[1, 2], x[2, 1] = 255, 255, 255  # red, blue, green
     # groups: subset class 0 <- channel 2, subset class 1 <- channels 0 or 1
-    tally = evaluate_batch(_channel_model, x, torch.tensor([1, 0, 0]), key="sub", groups=((2,), (0, 1)))
+    tally = evaluate_batch(_channel_model, x, torch.tensor([1, 0, 0]), key="sub", shifted=True, groups=((2,), (0, 1)))
     assert tally.accuracy("sub") == 2 / 3
 
 
@@ -179,5 +182,27 @@ def test_evaluate_x_c_scores_the_corrupted_batch():
     x, y = torch.rand(6, 3, 16, 16), torch.randint(0, 3, (6,))
     tally = evaluate_x_c(_channel_model, x, y, corruptions=["brightness"], severities=[2, 5])
     for s in (2, 5):
-        direct = evaluate_batch(_channel_model, corrupt(x, "brightness", s), y, key=("brightness", s))
+        direct = evaluate_batch(_channel_model, corrupt(x, "brightness", s), y, key=("brightness", s), shifted=True)
         assert math.isclose(tally.accuracy(("brightness", s)), direct.accuracy(("brightness", s)))
+
+
+def test_tally_columns_are_arrow_native_and_round_trip_exactly():
+    logits, y = torch.randn(20, 10, dtype=torch.float64), torch.randint(0, 10, (20,))
+    tally = (classification_tally(logits, y, key="clean") + routing_tally(logits[:, 0] > 0, key="clean", shifted=False)
+             + classification_tally(logits[:7], y[:7], key=("fog", 3))
+             + flip_tally(torch.tensor([[0, 1, 1], [2, 2, 0]]), perturbation="rotate"))  # fmt: skip
+    columns = tally_to_columns(tally)
+    # one row per element: 5 scalar sums + 3 x 15 ECE bins for "clean", 3 + 45 for ("fog", 3), 2 flip sums
+    assert len(columns["value"]) == (5 + 45) + (3 + 45) + 2
+    table = pa.table(columns)  # what Ray Data makes of an actor's batch: no pickled objects
+    assert [str(t) for t in table.schema.types] == ["string", "string", "int64", "double"]
+    order = np.random.default_rng(0).permutation(table.num_rows)  # rows may come back in any order
+    back = tally_from_columns({k: table.column(k).to_numpy()[order] for k in table.column_names})
+    assert back.stats.keys() == tally.stats.keys() == {"clean", ("fog", 3), ("flip", "rotate")}
+    for key, named in tally.stats.items():
+        assert back.stats[key].keys() == named.keys()
+        for name, value in named.items():
+            got = back.stats[key][name]
+            assert got.dtype == value.dtype == torch.float64 and got.shape == value.shape, (key, name)
+            assert torch.equal(got, value), (key, name)
+    assert tally_from_columns(tally_to_columns(Tally())).stats == {}

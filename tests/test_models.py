@@ -15,7 +15,7 @@ from torch import nn
 
 from robust.models.clip_teacher import ClipTeacherConfig, build_clip_teacher, default_templates
 from robust.models.normalize import NormalizedModel
-from robust.models.timm_models import TimmConfig, build_timm, export_timm, load_exported
+from robust.models.timm_models import TimmConfig, build_timm, export_timm, is_timm_export, load_exported
 
 torch.set_num_threads(1)
 
@@ -79,22 +79,63 @@ def test_build_timm_refuses_pickled_objects(tmp_path):
         build_timm(TimmConfig(name="test_resnet", num_classes=4, checkpoint=str(path)))
 
 
-def test_export_round_trips_and_plain_timm_rebuilds_it(tmp_path):
+def test_export_is_timms_folder_with_the_models_preprocessing(tmp_path):
     torch.manual_seed(0)
     cfg = TimmConfig(name="test_vit", num_classes=6, img_size=32)
-    model = build_timm(cfg).eval()
-    weights = export_timm(model, cfg, tmp_path, stem="robust")
-    meta = json.loads((tmp_path / "robust.json").read_text())
-    assert weights == tmp_path / "robust.safetensors"
-    assert meta["timm_name"] == "test_vit" and meta["num_classes"] == 6 and meta["input_size"] == [3, 32, 32]
-    assert meta["mean"] == [0.5, 0.5, 0.5] and meta["std"] == [0.5, 0.5, 0.5]
+    model = NormalizedModel(build_timm(cfg).model, mean=(0.2, 0.3, 0.4), std=(0.6, 0.7, 0.8)).eval()
+    assert export_timm(model, cfg, tmp_path / "vit") == tmp_path / "vit"
+    assert sorted(p.name for p in (tmp_path / "vit").iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "vit" / "config.json").read_text())
+    assert (config["architecture"], config["num_classes"]) == ("test_vit", 6)
+    assert config["model_args"]["img_size"] == [32, 32]
+    pretrained = config["pretrained_cfg"]
+    assert pretrained["mean"] == [0.2, 0.3, 0.4] and pretrained["std"] == [0.6, 0.7, 0.8]
+    assert pretrained["input_size"] == [3, 32, 32]  # the ViT's img_size, not timm's default of 160
+    assert pretrained["interpolation"] == "bicubic" and pretrained["crop_pct"] == 0.95  # timm's, nothing given
     x = torch.rand(3, 3, 32, 32)
-    for source in (tmp_path, weights, tmp_path / "robust.json"):
-        assert torch.equal(load_exported(source, stem="robust").eval()(x), model(x))
-    # without this project: timm + safetensors only
+    for source in (tmp_path / "vit", f"local-dir:{tmp_path / 'vit'}"):
+        loaded = load_exported(source).eval()
+        assert torch.equal(loaded(x), model(x))
+        assert loaded.mean.tolist() == model.mean.tolist() and loaded.std.tolist() == model.std.tolist()
+    # the weights are the inner timm model's own state_dict
     plain = timm.create_model("test_vit", num_classes=6, img_size=32).eval()
-    plain.load_state_dict(safetensors.torch.load_file(str(weights)))
-    assert torch.equal(plain((x - 0.5) / 0.5), model(x))
+    plain.load_state_dict(safetensors.torch.load_file(str(tmp_path / "vit" / "model.safetensors")))
+    mean, std = torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1), torch.tensor([0.6, 0.7, 0.8]).view(1, 3, 1, 1)
+    assert torch.equal(plain((x - mean) / std), model(x))
+
+
+def test_export_records_the_data_config_given(tmp_path):
+    cfg = TimmConfig(name="test_resnet", num_classes=10)
+    data = {"input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bilinear", "crop_mode": "center"}
+    export_timm(build_timm(cfg), cfg, tmp_path, data_config=data)
+    pretrained = json.loads((tmp_path / "config.json").read_text())["pretrained_cfg"]
+    assert {k: pretrained[k] for k in data} == {**data, "input_size": [3, 32, 32]}
+    assert pretrained["mean"] == [0.5, 0.5, 0.5]  # timm's for test_resnet, as build_timm normalised
+    with pytest.raises(ValueError, match="mean/std"):
+        export_timm(build_timm(cfg), cfg, tmp_path / "x", data_config={"mean": (0.0, 0.0, 0.0)})
+    with pytest.raises(ValueError, match="the config names 'test_vit'"):
+        export_timm(build_timm(cfg), TimmConfig(name="test_vit", num_classes=10), tmp_path / "x")
+
+
+def test_build_timm_loads_an_export_folder_and_checks_it_fits(tmp_path):
+    torch.manual_seed(0)
+    cfg = TimmConfig(name="test_vit", num_classes=4, img_size=32)
+    source = NormalizedModel(build_timm(cfg).model, mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1)).eval()
+    export_timm(source, cfg, tmp_path / "export")
+    assert is_timm_export(tmp_path / "export") and is_timm_export(f"local-dir:{tmp_path / 'export'}")
+    assert not is_timm_export(tmp_path) and not is_timm_export(tmp_path / "export" / "model.safetensors")
+    torch.manual_seed(1)  # a different init, overwritten by the export
+    loaded = build_timm(TimmConfig(name="test_vit", num_classes=4, checkpoint=str(tmp_path / "export"),
+                                   drop_path_rate=0.1)).eval()  # fmt: skip
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(loaded(x), source(x))  # the export's weights and its mean/std
+    for wrong, field in ((dict(num_classes=5), "num_classes"), (dict(img_size=64), "img_size"),
+                         (dict(name="test_resnet"), "name")):  # fmt: skip
+        bad = TimmConfig(**{"name": "test_vit", "num_classes": 4, "checkpoint": str(tmp_path / "export"), **wrong})
+        with pytest.raises(ValueError, match=f"another model: .*'{field}'"):
+            build_timm(bad)
+    with pytest.raises(ValueError, match="not a timm export"):
+        load_exported(tmp_path)
 
 
 TINY_CLIP = "robust-test-tiny-clip"

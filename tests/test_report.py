@@ -9,11 +9,12 @@ from statistics import fmean
 
 import pytest
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 
 from robust.eval.corruptions import IMAGENET_C
 from robust.eval.metrics import ALEXNET_ERROR, Tally, classification_tally, flip_tally
-from robust.eval.report import model_entry, set_entry, write_report
+from robust.eval.report import _cost_plot, cost_fields, model_entry, set_entry, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -28,9 +29,11 @@ def _report() -> dict:
         "run": "test",
         "models": {
             "alexnet-like": {"clean_acc": 56.5, "corrupt_acc": 20.0, "per_corruption": _per_corruption(1.0),
-                             "sets": {"imagenet-r": 20.0}, "weights": "a.safetensors", "train_cost_s": 100.0},
+                             "sets": {"imagenet-r": 20.0}, "weights": "a.safetensors",
+                             "startup_s": 30.0, "train_s": 100.0, "train_samples": 50_000},
             "dad": {"clean_acc": 80.0, "corrupt_acc": 50.0, "per_corruption": _per_corruption(0.5),
-                    "sets": {"imagenet-r": 40.0, "sketch": 30.0}, "weights": "d.safetensors", "train_cost_s": 400.0},
+                    "sets": {"imagenet-r": 40.0, "sketch": 30.0}, "weights": "d.safetensors",
+                    "startup_s": 45.0, "train_s": 400.0, "train_samples": 100_000},
             "clean-only": {"clean_acc": 75.0, "sets": {"sketch": 25.0}, "weights": "c.safetensors"},
         },
     }  # fmt: skip
@@ -38,12 +41,19 @@ def _report() -> dict:
 
 def test_report_files_tables_and_plots(tmp_path):
     files = write_report(_report(), tmp_path)
-    assert json.loads(files.json.read_text()) == _report()
+    derived = {"alexnet-like": {"samples_per_s": 500.0, "train_ms_per_sample": 2.0},  # 50k samples in 100 s
+               "dad": {"samples_per_s": 250.0, "train_ms_per_sample": 4.0}}  # fmt: skip
+    expected = _report()
+    for name, fields in derived.items():
+        expected["models"][name].update(fields)
+    assert json.loads(files.json.read_text()) == expected
     md = files.markdown.read_text()
     assert "| Model | Clean | imagenet-r | sketch | Corrupted (mean) | mCE | Avg shifts |" in md
     assert "| alexnet-like | 56.50 | 20.00 | - | 20.00 | 100.00 | 20.00 |" in md
     assert "| dad | 80.00 | 40.00 | 30.00 | 50.00 | 50.00 | 40.00 |" in md  # avg of 40, 30 and 50
     assert "| clean-only | 75.00 | - | 25.00 | - | - | 25.00 |" in md
+    assert "| Model | startup_s | train_s | train_samples | samples_per_s | train_ms_per_sample | weights |" in md
+    assert "| dad | 45.00 | 400.00 | 100000 | 250.00 | 4.00 | d.safetensors |" in md  # start-up apart from training
     assert set(files.plots) == {"severity", "corruptions", "cost"}
     # two models have corruption results and two have training costs; "clean-only" draws nothing
     assert files.series == {"severity": 2, "corruptions": 2, "cost": 2}
@@ -52,6 +62,18 @@ def test_report_files_tables_and_plots(tmp_path):
         with Image.open(path) as im:
             im.verify()
             assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_cost_plot_puts_training_cost_per_sample_against_corrupted_accuracy():
+    fig = Figure()
+    models = {n: {**e, **cost_fields(e)} for n, e in _report()["models"].items()}
+    ax = fig.add_subplot()
+    assert _cost_plot(ax, models) == 2
+    points = [c.get_offsets().tolist() for c in ax.collections]
+    assert points == [[[2.0, 20.0]], [[4.0, 50.0]]] and ax.get_xlabel() == "training cost (ms / sample)"
+    assert cost_fields({"train_s": 10.0}) == {}  # no sample count: nothing to derive
+    with pytest.raises(ValueError, match="positive"):
+        cost_fields({"train_s": 0.0, "train_samples": 10})
 
 
 def test_report_without_corruptions_or_costs_draws_no_plots(tmp_path):

@@ -147,9 +147,9 @@ def test_evaluator_counts_accuracy_and_f_correct_like_selection_tally(tmp_path):
     x, y = _x(8), torch.arange(8) % 10
     torch.manual_seed(2)
     sel = predict(student, x, cfg=SELECT)
-    for key, shifted in (("clean", False), (("fog", 3), True)):  # a corruption key is a shifted batch
+    for key, shifted in (("clean", False), (("fog", 3), True)):
         torch.manual_seed(2)
-        tally = evaluate_batch(model, x, y, key=key)
+        tally = evaluate_batch(model, x, y, key=key, shifted=shifted)
         want = selection_tally(sel, y, key=key, shifted=shifted)
         assert tally.stats.keys() == want.stats.keys() == {key}
         assert all(torch.equal(tally.stats[key][k], v) for k, v in want.stats[key].items())
@@ -158,7 +158,7 @@ def test_evaluator_counts_accuracy_and_f_correct_like_selection_tally(tmp_path):
         assert tally.f_correct(key) == pytest.approx(right)
     # uint8 input is scaled to [0, 1] like every evaluated model's
     torch.manual_seed(2)
-    tally_u8 = evaluate_batch(model, (x * 255).round().to(torch.uint8), y, key="clean")
+    tally_u8 = evaluate_batch(model, (x * 255).round().to(torch.uint8), y, key="clean", shifted=False)
     assert tally_u8.stats["clean"]["routed_n"].item() == 8
 
 
@@ -168,7 +168,7 @@ def test_one_head_method_has_no_routing(tmp_path):
     export_rpt(student, tmp_path, method="apt", cfg=cfg)
     model = load_rpt(tmp_path)
     x, y = _x(6), torch.arange(6)
-    tally = evaluate_batch(model, x, y, key="clean")
+    tally = evaluate_batch(model, x, y, key="clean", shifted=False)
     want = classification_tally(student.eval()(x)["combined"], y, key="clean")
     assert tally.stats["clean"].keys() == want.stats["clean"].keys() and "routed_n" not in tally.stats["clean"]
     assert all(torch.equal(tally.stats["clean"][k], v) for k, v in want.stats["clean"].items())
@@ -176,11 +176,14 @@ def test_one_head_method_has_no_routing(tmp_path):
 
 def test_is_rpt_export_tells_rpt_exports_from_timm_exports(tmp_path):
     timm_cfg = TimmConfig(name="test_resnet", num_classes=10)
-    export_timm(build_timm(timm_cfg), timm_cfg, tmp_path / "timm", stem="student")
-    assert not is_rpt_export(tmp_path / "timm" / "student.json")
+    export_timm(build_timm(timm_cfg), timm_cfg, tmp_path / "timm")  # timm's config.json + model.safetensors
+    assert not is_rpt_export(tmp_path / "timm" / "config.json")
     assert not is_rpt_export(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="model.json"):
+        load_rpt(tmp_path / "timm")  # its model.safetensors has no model.json beside it
+    (tmp_path / "timm" / "model.json").write_text((tmp_path / "timm" / "config.json").read_text())
     with pytest.raises(ValueError, match="not an RPT export"):
-        load_rpt(tmp_path / "timm", stem="student")
+        load_rpt(tmp_path / "timm")
 
 
 def test_bad_input_is_a_clear_error(tmp_path):

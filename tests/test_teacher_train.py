@@ -1,5 +1,6 @@
 import dataclasses
 import itertools
+import json
 import random
 
 import numpy as np
@@ -123,26 +124,29 @@ def test_cached_teacher_trains_once_and_keys_on_the_config(tmp_path):
     cfg = TeacherTrainConfig(model=TimmConfig(name="test_resnet", num_classes=10), epochs=0, seed=1,
                              augmentations=["augmix"])
     model, path = cached_teacher(tmp_path, cfg, progress=False)
-    assert path == cache_dir_for(tmp_path, "teacher", cfg) and path.name.startswith("teacher-")
+    assert path == cache_dir_for(tmp_path, "timm-teacher", cfg) and path.name.startswith("timm-teacher-")
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary directory left behind
-    assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "teacher.json", "teacher.safetensors"]
+    # a timm folder (config.json, model.safetensors) beside the cache's config.yaml
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "config.yaml", "model.safetensors"]
+    pretrained = json.loads((path / "config.json").read_text())["pretrained_cfg"]
+    assert (pretrained["input_size"], pretrained["crop_pct"]) == ([3, 32, 32], 1.0)  # the digits, as evaluated
     assert load_config(TeacherTrainConfig, yaml_path=path / "config.yaml") == cfg
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     torch.manual_seed(cfg.seed)
     for a, b in zip(model.state_dict().values(), build_timm(cfg.model).state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
-    mtime = (path / "teacher.safetensors").stat().st_mtime_ns
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
     model2, path2 = cached_teacher(tmp_path, cfg, progress=False)
-    assert path2 == path and (path / "teacher.safetensors").stat().st_mtime_ns == mtime
+    assert path2 == path and (path / "model.safetensors").stat().st_mtime_ns == mtime
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
     other = dataclasses.replace(cfg, seed=2)
     model3, path3 = cached_teacher(tmp_path, other, progress=False)
-    assert path3 != path and path3.is_dir() and (path / "teacher.safetensors").stat().st_mtime_ns == mtime
+    assert path3 != path and path3.is_dir() and (path / "model.safetensors").stat().st_mtime_ns == mtime
     assert not torch.equal(model3.model.fc.weight, model.model.fc.weight)
-    key = lambda c: cache_dir_for(tmp_path, "teacher", c)  # noqa: E731
+    key = lambda c: cache_dir_for(tmp_path, "timm-teacher", c)  # noqa: E731
     assert key(TeacherTrainConfig(lr=1e-3)) != key(TeacherTrainConfig())
     assert key(TeacherTrainConfig(augmentations=["augmix"])) != key(TeacherTrainConfig())
     assert key(TeacherTrainConfig(deepaugment=DeepAugConfig(layers=1))) != key(TeacherTrainConfig())

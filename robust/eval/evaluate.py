@@ -2,21 +2,22 @@
 
 The functions are pure and batch-local, so the cluster layer can map them over workers and add the
 tallies. A set is split into work items (``set_parts``: runs of samples or of a shard file) that are
-evaluated on their own (``evaluate_part``, every model on the same pixels); ``evaluate_set`` is the
-single-process loop over them. The caller puts the model in the mode it wants (``model.eval()``);
-gradients are off here.
+evaluated on their own (``evaluate_part``, every model on the same pixels); ``evaluate_in_process`` is
+the single-process loop over them (``evaluate_set`` for one model and one set). The caller puts the
+model in the mode it wants (``model.eval()``); gradients are off here.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from tqdm.auto import tqdm
 
 from robust.data.shards import MANIFEST, read_manifest
 from robust.eval.metrics import Key, Tally, classification_tally, flip_tally, routing_tally
@@ -44,15 +45,28 @@ def predict(model: Model, x_BCHW: torch.Tensor, *, groups: Groups | None = None)
 
 
 def evaluate_batch(
-    model: Model, x_BCHW: torch.Tensor, y_B: torch.Tensor, *, key: Key = "clean", groups: Groups | None = None
+    model: Model,
+    x_BCHW: torch.Tensor,
+    y_B: torch.Tensor,
+    *,
+    key: Key = "clean",
+    shifted: bool,
+    groups: Groups | None = None,
 ) -> Tally:
     """Top-1/top-5 and calibration counts of one labelled batch under ``key``; for a head-selecting RPT
-    model (``robust.rpt.export.RptClassifier``) also its F_correct counts, a corruption key being shifted."""
+    model (``robust.rpt.export.RptClassifier``) also its F_correct counts, the batch being ``shifted``
+    data or in-distribution."""
     tally = classification_tally(predict(model, x_BCHW, groups=groups), y_B, key=key)
-    selection = getattr(model, "last_selection", None)  # set by the forward pass just made
-    if selection is not None:
-        tally = tally + routing_tally(selection.chose_clean_B, key=key, shifted=isinstance(key, tuple))
-    return tally
+    return tally + _routing(model, key=key, shifted=shifted)
+
+
+def _routing(model: Model, *, key: Key, shifted: bool, rows_B: torch.Tensor | None = None) -> Tally:
+    """F_correct counts of the forward pass just made (of its ``rows_B``), for a model that selects heads."""
+    selection = getattr(model, "last_selection", None)  # set by that forward pass
+    if selection is None:
+        return Tally()
+    chose_clean_B = selection.chose_clean_B if rows_B is None else selection.chose_clean_B[rows_B]
+    return routing_tally(chose_clean_B, key=key, shifted=shifted)
 
 
 def evaluate_corrupted(
@@ -64,13 +78,15 @@ def evaluate_corrupted(
     *,
     groups: Groups | None = None,
 ) -> Tally:
-    """A stored-corruption batch (ImageNet-C): counts under each sample's (corruption, severity) key."""
+    """A stored-corruption batch (ImageNet-C): counts under each sample's (corruption, severity) key,
+    routing counted as on shifted data."""
     logits_BK = predict(model, x_BCHW, groups=groups)
     keys = [(c, int(s)) for c, s in zip(corruption_B, severity_B)]
     tally = Tally()
     for key in dict.fromkeys(keys):
         rows = torch.tensor([k == key for k in keys], device=logits_BK.device)
         tally = tally + classification_tally(logits_BK[rows], y_B.to(rows.device)[rows], key=key)
+        tally = tally + _routing(model, key=key, shifted=True, rows_B=rows)
     return tally
 
 
@@ -104,7 +120,7 @@ def _x_c(
     pairs = corrupted_batches([(x_BCHW, y_B)], corruptions=corruptions, severities=severities, generator=generator)
     for x_c, _, c, s in pairs:
         for name, model in models.items():
-            tallies[name] = tallies[name] + evaluate_batch(model, x_c, y_B, key=(c, s), groups=groups)
+            tallies[name] = tallies[name] + evaluate_batch(model, x_c, y_B, key=(c, s), shifted=True, groups=groups)
     return tallies
 
 
@@ -127,7 +143,8 @@ def evaluate_models_on_batch(
     """One loader batch of ``eval_set`` through the matching per-batch function, for every model.
 
     Clean sets count under the set's name (plus (corruption, severity) for its configured X-C),
-    ImageNet-C under (corruption, severity), ImageNet-P under ("flip", perturbation).
+    ImageNet-C under (corruption, severity), ImageNet-P under ("flip", perturbation). Routing counts as
+    the set's config says (``shifted``); corrupted batches are shifted.
     """
     kind, groups, x, y = eval_set.cfg.kind, eval_set.groups, batch[0], batch[1]
     if kind == "imagenet-c":
@@ -135,7 +152,8 @@ def evaluate_models_on_batch(
     if kind == "imagenet-p":
         step = eval_set.cfg.perturbation_step
         return {n: evaluate_sequences(m, x, batch[2], step=step) for n, m in models.items()}
-    tallies = {n: evaluate_batch(m, x, y, key=eval_set.name, groups=groups) for n, m in models.items()}
+    tallies = {n: evaluate_batch(m, x, y, key=eval_set.name, shifted=eval_set.cfg.shifted, groups=groups)
+               for n, m in models.items()}  # fmt: skip
     if eval_set.corruptions:
         corrupted = _x_c(models, x, y, corruptions=eval_set.corruptions, severities=eval_set.cfg.severities,
                          groups=groups, generator=generator)  # fmt: skip
@@ -223,6 +241,46 @@ def evaluate_part(
     return tallies, n
 
 
+@dataclass
+class SetResult:
+    """One model's totals on one set: its tally and the samples (sequences for ImageNet-P) evaluated."""
+
+    tally: Tally = field(default_factory=Tally)
+    n: int = 0
+
+
+def evaluate_in_process(
+    models: Models,
+    eval_sets: Sequence[EvalSet],
+    *,
+    batch_size: int = 150,
+    part_batches: int = 8,
+    seed: int = 0,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> dict[str, dict[str, SetResult]]:
+    """Every model on every set in this process, the work items in turn: {model: {set: SetResult}}.
+
+    The same work items, batches and corruption noise as the cluster's actor pool given the same
+    ``batch_size``, ``part_batches`` and ``seed``, hence the same counts.
+    """
+    plan = [(s, set_parts(s, part_size=batch_size * part_batches)) for s in eval_sets]
+    sizes = [p.size for _, parts in plan for p in parts]
+    totals = {name: {s.name: SetResult() for s in eval_sets} for name in models}
+    with tqdm(total=None if None in sizes else sum(sizes), unit="sample", disable=not progress,
+              desc=f"evaluate {len(models)} models on {len(eval_sets)} sets") as bar:  # fmt: skip
+        for eval_set, parts in plan:
+            for i, part in enumerate(parts):
+                tallies, n = evaluate_part(models, eval_set, part, part_id=i, batch_size=batch_size, seed=seed,
+                                           num_workers=num_workers, device=device)  # fmt: skip
+                for name, tally in tallies.items():
+                    result = totals[name][eval_set.name]
+                    result.tally, result.n = result.tally + tally, result.n + n
+                bar.update(n)
+    return totals
+
+
 def evaluate_set(
     model: Model,
     eval_set: EvalSet,
@@ -233,14 +291,7 @@ def evaluate_set(
     num_workers: int = 0,
     device: torch.device | str = "cpu",
 ) -> Tally:
-    """Single-process evaluation of ``eval_set``: its work items in turn, summed.
-
-    The same batches and corruption noise as the cluster's actor pool given the same ``batch_size``,
-    ``part_batches`` and ``seed``, hence the same counts.
-    """
-    tally = Tally()
-    for i, part in enumerate(set_parts(eval_set, part_size=batch_size * part_batches)):
-        tallies, _ = evaluate_part({"m": model}, eval_set, part, part_id=i, batch_size=batch_size, seed=seed,
-                                   num_workers=num_workers, device=device)  # fmt: skip
-        tally = tally + tallies["m"]
-    return tally
+    """One model on one set in this process (``evaluate_in_process``): its tally."""
+    totals = evaluate_in_process({"m": model}, [eval_set], batch_size=batch_size, part_batches=part_batches,
+                                 seed=seed, num_workers=num_workers, device=device)  # fmt: skip
+    return totals["m"][eval_set.name].tally

@@ -3,16 +3,19 @@
 A tally maps a key to named float64 sums. Keys say what was measured: ``"clean"``, a set name
 (``"imagenet-r"``), a corruption ``(name, severity)``, or ``("flip", perturbation)`` for ImageNet-P.
 Reduce with ``+`` (``sum(tallies, Tally())``); ``summarize`` turns the totals into a report entry in
-percent, the unit of the papers' tables.
+percent, the unit of the papers' tables. ``tally_to_columns`` flattens a tally into numeric and string
+numpy columns (Arrow holds them natively, e.g. as a Ray Data batch) and ``tally_from_columns`` restores it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import fmean
 from typing import Any
 
+import numpy as np
 import torch
 
 from robust.eval.corruptions import ALL, IMAGENET_C
@@ -66,6 +69,41 @@ class Tally:
     def f_correct(self, key: Key) -> float:
         """RPT's F_correct: the fraction of samples whose inference picked the right head."""
         return float(self._get(key, "routed_right") / self._get(key, "routed_n"))
+
+
+def tally_to_columns(tally: Tally) -> dict[str, np.ndarray]:
+    """The tally as equal-length columns, one row per element of every sum: "key" (the key as JSON: a
+    string, or a list for a tuple key), "name", "index" (the element's position in a vector sum such as
+    the ECE bins, -1 for a scalar sum) and "value" (float64). ``tally_from_columns`` inverts it exactly."""
+    keys, names, index, values = [], [], [], []
+    for key, named in tally.stats.items():
+        assert isinstance(key, (str, tuple)), key  # JSON round-trips str and (str | int, ...) keys
+        for name, sum_ in named.items():
+            flat = sum_.reshape(-1).tolist()
+            keys += [json.dumps(key)] * len(flat)
+            names += [name] * len(flat)
+            index += [-1] if sum_.ndim == 0 else list(range(len(flat)))
+            values += flat
+    return {"key": np.array(keys, dtype=str), "name": np.array(names, dtype=str),
+            "index": np.array(index, dtype=np.int64), "value": np.array(values, dtype=np.float64)}  # fmt: skip
+
+
+def tally_from_columns(columns: Mapping[str, np.ndarray]) -> Tally:
+    """The tally of ``tally_to_columns``'s columns, in any row order (other columns are ignored)."""
+    elements: dict[Key, dict[str, list[tuple[int, float]]]] = {}
+    for key_json, name, i, value in zip(columns["key"], columns["name"], columns["index"], columns["value"]):
+        loaded = json.loads(key_json)
+        key = tuple(loaded) if isinstance(loaded, list) else loaded
+        elements.setdefault(key, {}).setdefault(str(name), []).append((int(i), float(value)))
+    return Tally({key: {name: _from_elements(pairs) for name, pairs in named.items()}
+                  for key, named in elements.items()})  # fmt: skip
+
+
+def _from_elements(pairs: list[tuple[int, float]]) -> torch.Tensor:
+    if pairs[0][0] == -1:  # a scalar sum
+        assert len(pairs) == 1, pairs
+        return torch.tensor(pairs[0][1], dtype=torch.float64)
+    return torch.tensor([v for _, v in sorted(pairs)], dtype=torch.float64)
 
 
 def _sums(**named: torch.Tensor | float) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 """Models to evaluate, named by a spec string, and the check that they fit the sets they are scored on.
 
 spec (``NAME=`` in front picks the report name)   model
-``<dir>`` | ``<stem>.json`` | ``<stem>.safetensors``  an ``export_timm`` export, read with safetensors (never
+``<dir>`` | ``local-dir:<dir>``                    an export folder: timm's (``export_timm``: config.json +
+                                                   model.safetensors) or RPT's (``export_rpt``: model.json +
+                                                   model.safetensors), read with safetensors (never
                                                    unpickled); name: the folder's name
 ``timm:<name>[.<tag>]``                            ``timm.create_model(name, pretrained=True)``: timm's weights
                                                    (Hugging Face hub or its local cache); name: ``<name>[.<tag>]``
@@ -30,13 +32,22 @@ from robust.data.folder import class_names_of
 from robust.data.shards import MANIFEST, read_manifest
 from robust.eval.sets import EvalSet
 from robust.models.clip_teacher import ClipTeacherConfig, build_clip_teacher
-from robust.models.timm_models import TimmConfig, build_timm, load_exported
+from robust.models.timm_models import (
+    CONFIG,
+    WEIGHTS,
+    TimmConfig,
+    build_timm,
+    export_folder,
+    is_timm_export,
+    load_exported,
+)
 from robust.rpt.export import is_rpt_export, load_rpt
 
 IMAGENET_CLASSES = 1000
 # Sets scored on ImageNet-1k logits (ImageNet-R/-A and ObjectNet keep a subset of them: EvalSet.groups).
 IMAGENET_KINDS = ("imagenet-c", "imagenet-sketch", "imagenet-v2", "imagenet-p")
-SPEC_HELP = "an export (<dir>, or <stem>.json beside <stem>.safetensors), timm:<name>[.<tag>] or clip:<arch>/<tag>"
+SPEC_HELP = "an export folder (export_timm or export_rpt), timm:<name>[.<tag>] or clip:<arch>/<tag>"
+RPT_META = "model.json"  # export_rpt's default stem, the one every RPT run exports with
 
 
 @dataclass
@@ -52,15 +63,15 @@ class ZeroShotConfig:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str  # in the report
-    kind: str  # "export" | "timm" | "clip"
-    source: str  # export: the .json path; timm: name[.tag]; clip: arch/tag
-    num_classes: int
+    kind: str  # "export" (a timm folder) | "rpt" (an RPT folder) | "timm" | "clip" | "module" (a torch module)
+    source: str  # export, rpt: the folder; timm: name[.tag]; clip: arch/tag; module: its class name
+    num_classes: int | None  # None: not known before it runs (a torch module)
 
     @property
     def weights(self) -> str:
         """Where the weights come from, for the report."""
-        if self.kind == "export":
-            return str(Path(self.source).with_suffix(".safetensors"))
+        if self.kind in ("export", "rpt"):
+            return str(Path(self.source) / WEIGHTS)  # export_rpt names its weights the same
         return f"{self.kind}:{self.source}"
 
 
@@ -73,23 +84,20 @@ def parse_model(spec: str, *, clip: ZeroShotConfig) -> ModelSpec:
         return _timm_spec(name, target.removeprefix("timm:"))
     if target.startswith("clip:"):
         return _clip_spec(name, target.removeprefix("clip:"), clip)
-    return _export_spec(name, Path(target).expanduser())
+    return _export_spec(name, target)
 
 
-def _export_spec(name: str, path: Path) -> ModelSpec:
-    if path.is_dir():
-        stems = sorted(p.stem for p in path.glob("*.json") if p.with_suffix(".safetensors").is_file())
-        if len(stems) != 1:
-            raise ValueError(f"model folder {path} holds {len(stems)} exports; it must hold exactly one "
-                             "(<stem>.safetensors + <stem>.json), or pass the .json file")  # fmt: skip
-        meta_path = path / f"{stems[0]}.json"
+def _export_spec(name: str, target: str) -> ModelSpec:
+    folder = export_folder(target).resolve()
+    if is_timm_export(folder):
+        kind, meta = "export", folder / CONFIG
+    elif is_rpt_export(folder / RPT_META):
+        kind, meta = "rpt", folder / RPT_META
     else:
-        meta_path = path.with_suffix(".json")
-        if not meta_path.is_file() or not path.with_suffix(".safetensors").is_file():
-            raise ValueError(f"model {str(path)!r} does not exist (need {meta_path.name} and "
-                             f"{meta_path.with_suffix('.safetensors').name}); pass {SPEC_HELP}")  # fmt: skip
-    meta = json.loads(meta_path.read_text())
-    return ModelSpec(name or meta_path.parent.name, "export", str(meta_path.resolve()), int(meta["num_classes"]))
+        raise ValueError(f"model {target!r} is not an export folder: it must hold {CONFIG} + {WEIGHTS} "
+                         f"(export_timm) or {RPT_META} + {WEIGHTS} (export_rpt); pass {SPEC_HELP}")  # fmt: skip
+    num_classes = int(json.loads(meta.read_text())["num_classes"])
+    return ModelSpec(name or folder.name, kind, str(folder), num_classes)
 
 
 def _timm_spec(name: str, model: str) -> ModelSpec:
@@ -118,11 +126,12 @@ def _clip_spec(name: str, target: str, clip: ZeroShotConfig) -> ModelSpec:
 
 
 def load_model(spec: ModelSpec, *, clip: ZeroShotConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """The model of ``spec`` on ``device``, frozen, in eval mode."""
+    """The model of ``spec`` (not a "module" one: that is already loaded) on ``device``, frozen, in eval mode."""
+    assert spec.kind != "module", spec
     if spec.kind == "export":
-        path = Path(spec.source)
-        # an RPT student predicts with eq. 6's head selection (and records it for F_correct)
-        model = load_rpt(path) if is_rpt_export(path) else load_exported(path.parent, stem=path.stem)
+        model = load_exported(spec.source)
+    elif spec.kind == "rpt":  # an RPT student predicts with eq. 6's head selection (and records it for F_correct)
+        model = load_rpt(spec.source)
     elif spec.kind == "timm":
         model = build_timm(TimmConfig(name=spec.source, num_classes=spec.num_classes, pretrained=True))
     else:
@@ -132,11 +141,11 @@ def load_model(spec: ModelSpec, *, clip: ZeroShotConfig, device: torch.device | 
 
 
 def param_fields(spec: ModelSpec) -> dict[str, int]:
-    """``tuned_params`` / ``total_params`` of an export that records them (RPT and its baselines, Table 10)."""
-    if spec.kind != "export":
+    """``tuned_params`` / ``total_params`` of an RPT export (RPT and its baselines, Table 10)."""
+    if spec.kind != "rpt":
         return {}
-    counts = json.loads(Path(spec.source).read_text()).get("param_counts")
-    return {"tuned_params": counts["tuned"], "total_params": counts["total"]} if counts else {}
+    counts = json.loads((Path(spec.source) / RPT_META).read_text())["param_counts"]
+    return {"tuned_params": counts["tuned"], "total_params": counts["total"]}
 
 
 def set_classes(eval_set: EvalSet) -> int | None:
@@ -152,10 +161,11 @@ def set_classes(eval_set: EvalSet) -> int | None:
 
 
 def check_fit(models: Sequence[ModelSpec], eval_sets: Sequence[EvalSet]) -> None:
-    """ValueError when a model's class count differs from what a set needs."""
+    """ValueError when a model's class count differs from what a set needs (when both are known)."""
     for eval_set in eval_sets:
         need = set_classes(eval_set)
-        wrong = [f"{m.name!r} ({m.num_classes})" for m in models if need is not None and m.num_classes != need]
+        wrong = [f"{m.name!r} ({m.num_classes})" for m in models
+                 if None not in (need, m.num_classes) and m.num_classes != need]  # fmt: skip
         if wrong:
             raise ValueError(
                 f"set {eval_set.name!r} ({eval_set.cfg.kind}) needs models with {need} classes, but "

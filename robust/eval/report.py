@@ -3,9 +3,12 @@
 A report dict is ``{"models": {name: entry}, ...run metadata}``; an entry (``metrics.summarize`` makes
 one, ``model_entry`` from per-set tallies) has accuracies in percent: "clean_acc", "corrupt_acc",
 "per_corruption" {corruption: [acc at severity 1..5]}, "sets" {set: acc}, "weights", and optionally
-"train_cost_s" or "cost_ms_per_img", "f_correct" (per key), "f_correct_overall", "tuned_params",
-"total_params", "flip_prob", "mfr_unnormalised". "Avg shifts" is the mean of the shifted-set accuracies and the mean corrupted
-accuracy. An optional "per_set" section maps model -> set -> ``set_entry`` metrics.
+"f_correct" (per key), "f_correct_overall", "tuned_params", "total_params", "flip_prob",
+"mfr_unnormalised", and the training cost: "startup_s" (one-time start-up: cluster, data, models),
+"train_s" (the training steps alone) and "train_samples" (samples trained on), from which
+``write_report`` derives "samples_per_s" and "train_ms_per_sample" (``cost_fields``). "Avg shifts" is
+the mean of the shifted-set accuracies and the mean corrupted accuracy. An optional "per_set" section
+maps model -> set -> ``set_entry`` metrics.
 
 mFR: the ImageNet-P paper divides each perturbation's flip probability by AlexNet's; those AlexNet
 values are neither in SPEC section 7 nor in the benchmark's code (hendrycks/robustness
@@ -30,7 +33,8 @@ from matplotlib.figure import Figure
 from robust.eval.corruptions import IMAGENET_C
 from robust.eval.metrics import SEVERITIES, Tally, mean_corruption_error, summarize
 
-COST_FIELDS = (("train_cost_s", "training cost (s)"), ("cost_ms_per_img", "training cost (ms / image)"))
+COST_INPUTS = ("startup_s", "train_s", "train_samples")  # what a training run records per model
+COST_FIELDS = (*COST_INPUTS, "samples_per_s", "train_ms_per_sample")
 
 
 @dataclass
@@ -49,6 +53,8 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> ReportFiles:
     for name, entry in models.items():
         if "clean_acc" not in entry:
             raise ValueError(f"model {name!r} has no 'clean_acc'; every entry needs its clean accuracy")
+    models = {name: {**entry, **cost_fields(entry)} for name, entry in models.items()}
+    report = {**report, "models": models}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
@@ -63,6 +69,17 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> ReportFiles:
             series[plot_name] = n
             fig.savefig(plots[plot_name])
     return ReportFiles(out / "report.json", out / "report.md", plots, series)
+
+
+def cost_fields(entry: Mapping[str, Any]) -> dict[str, float]:
+    """Training throughput "samples_per_s" and cost "train_ms_per_sample" of an entry with "train_s" and
+    "train_samples" (start-up excluded); {} without them."""
+    if "train_s" not in entry or "train_samples" not in entry:
+        return {}
+    seconds, samples = float(entry["train_s"]), float(entry["train_samples"])
+    if seconds <= 0 or samples <= 0:
+        raise ValueError(f"train_s={seconds} and train_samples={samples} must both be positive")
+    return {"samples_per_s": samples / seconds, "train_ms_per_sample": 1000 * seconds / samples}
 
 
 def mce_of(entry: Mapping[str, Any]) -> float | None:
@@ -156,7 +173,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         rows = [[n, *[e.get("flip_prob", {}).get(p) for p in perturbations], e.get("mfr_unnormalised")]
                 for n, e in models.items()]  # fmt: skip
         lines += _table(["Model", *perturbations, "mFR (unnormalised)"], rows)
-    extra = [k for k in ("f_correct_overall", "tuned_params", "total_params", *(f for f, _ in COST_FIELDS), "weights")
+    extra = [k for k in ("f_correct_overall", "tuned_params", "total_params", *COST_FIELDS, "weights")
              if any(k in e for e in models.values())]  # fmt: skip
     if extra:
         lines += ["", "## Cost and parameters", ""]
@@ -214,16 +231,15 @@ def _corruption_bars(ax: Axes, models: Mapping[str, Any]) -> int:
 
 
 def _cost_plot(ax: Axes, models: Mapping[str, Any]) -> int:
-    """Robustness vs training cost, one point per model with a known cost (RPT Fig. 1)."""
-    field, label = next(((f, lab) for f, lab in COST_FIELDS if any(f in e for e in models.values())), (None, ""))
+    """Robustness vs training cost per sample, one point per model with a known cost (RPT Fig. 1)."""
     n = 0
     for name, entry in models.items():
-        y = entry.get("corrupt_acc")
-        if field in entry and y is not None:
-            ax.scatter([entry[field]], [y], label=name)
-            ax.annotate(name, (entry[field], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        x, y = entry.get("train_ms_per_sample"), entry.get("corrupt_acc")
+        if x is not None and y is not None:
+            ax.scatter([x], [y], label=name)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
             n += 1
-    ax.set(xlabel=label, ylabel="corrupted accuracy (%)", title="Robustness vs cost")
+    ax.set(xlabel="training cost (ms / sample)", ylabel="corrupted accuracy (%)", title="Robustness vs training cost")
     return _finish(ax, n)
 
 

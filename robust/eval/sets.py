@@ -24,7 +24,8 @@ e.g. with OpenCV: read the frames of each .mp4 as RGB and ``np.save`` the stacke
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,15 +44,18 @@ from robust.eval.class_subsets import IMAGENET_A_INDICES, IMAGENET_R_INDICES, OB
 from robust.eval.corruptions import ALL, IMAGENET_C, corrupt
 
 Groups = tuple[tuple[int, ...], ...]
+UNLABELLED_KINDS = ("imagenet-c", "imagenet-p")  # no clean accuracy: never the in-distribution set
 
 
 @dataclass
 class EvalSetConfig:
-    """One evaluation set. Name the in-distribution test set "clean": the report's clean accuracy."""
+    """One evaluation set. Mark the in-distribution test set ``shifted: false``: its accuracy is the
+    report's clean accuracy, and on it F_correct counts the clean head as right."""
 
     kind: str = "imagefolder"
     root: str = ""  # folder, or for kind=shards a shard dir / .tar / brace pattern
     name: str = ""  # name in the report; defaults to kind
+    shifted: bool = True  # False only for the in-distribution test set; its X-C is shifted all the same
     image_size: int = 224
     crop_pct: float = 0.875  # resize the short side to image_size / crop_pct, then center-crop
     corruptions: list[str] = field(default_factory=list)  # on-the-fly X-C of this set; ["all"] = the 15
@@ -140,8 +144,17 @@ class ShardImages(IterableDataset):
 
 
 def resize_crop(cfg: EvalSetConfig) -> v2.Compose:
-    """The clean-set preprocessing on uint8 tensors: short side to image_size / crop_pct, center crop."""
-    return v2.Compose([v2.Resize(round(cfg.image_size / cfg.crop_pct), antialias=True), v2.CenterCrop(cfg.image_size)])
+    """The clean-set preprocessing on uint8 tensors: short side to image_size / crop_pct (rounded down,
+    as timm's eval transform), bilinear, then center crop."""
+    short_side = math.floor(cfg.image_size / cfg.crop_pct)
+    return v2.Compose([v2.Resize(short_side, antialias=True), v2.CenterCrop(cfg.image_size)])
+
+
+def timm_data_config(cfg: EvalSetConfig) -> dict[str, Any]:
+    """``resize_crop``'s preprocessing in timm's data-config keys (``timm.data.create_transform`` makes the
+    same resize and crop), for an export's pretrained_cfg."""
+    return {"input_size": (3, cfg.image_size, cfg.image_size), "crop_pct": cfg.crop_pct,
+            "interpolation": "bilinear", "crop_mode": "center"}  # fmt: skip
 
 
 def clean_transform(cfg: EvalSetConfig) -> v2.Compose:
@@ -285,4 +298,16 @@ def build_eval_set(cfg: EvalSetConfig) -> EvalSet:
         raise ValueError(f"unknown corruptions {unknown}; choose from {list(ALL)} or ['all']")
     if not cfg.severities or any(s not in (1, 2, 3, 4, 5) for s in cfg.severities):
         raise ValueError(f"severities must be a non-empty subset of 1..5, got {cfg.severities}")
+    if cfg.kind in UNLABELLED_KINDS and not cfg.shifted:
+        raise ValueError(f"{cfg.kind} is shifted data and cannot be the in-distribution test set; "
+                         "leave shifted at true and mark the clean test set shifted: false")  # fmt: skip
     return BUILDERS[cfg.kind](cfg)
+
+
+def in_distribution(eval_sets: Sequence[EvalSet]) -> EvalSet:
+    """The in-distribution test set: the one set with ``shifted: false``; ValueError unless exactly one is."""
+    clean = [s for s in eval_sets if not s.cfg.shifted]
+    if len(clean) != 1:
+        raise ValueError(f"{len(clean)} sets are marked shifted: false ({[s.name for s in clean]}); mark exactly "
+                         "one, the in-distribution test set, whose accuracy is the clean accuracy")  # fmt: skip
+    return clean[0]

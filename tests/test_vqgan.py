@@ -121,15 +121,19 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
         build_vqgan(replace(TINY, checkpoint=str(tmp_path / "missing.ckpt")))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 / channels_last path runs on CUDA only")
-def test_discretize_bf16_on_cuda_is_close_to_fp32():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='"auto" is bf16 and channels_last applies on CUDA only')
+def test_discretize_on_cuda_defaults_to_bf16_channels_last_close_to_fp32():
     vqgan = _frozen_tiny()
     x = torch.rand(8, 3, 16, 16)
     reference = discretize(vqgan, x)
     cuda_vqgan = build_vqgan(TINY, device="cuda")
     cuda_vqgan.load_state_dict(vqgan.state_dict())
+    assert cuda_vqgan.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    dtypes = []
+    handle = cuda_vqgan.encoder.conv_out.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
     fast = discretize(cuda_vqgan, x.cuda())
-    assert fast.dtype == torch.float32 and fast.shape == x.shape
+    handle.remove()
+    assert dtypes == [torch.bfloat16] and fast.dtype == torch.float32 and fast.shape == x.shape
     assert (fast.cpu() - reference).abs().mean() < 0.02
 
 

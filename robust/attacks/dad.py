@@ -42,15 +42,19 @@ def dad_samples(
     cfg: DADConfig,
     *,
     generator: torch.Generator | None = None,
+    precision: str = "auto",
 ) -> Tensor:
     """Return Q(PGD(Q(x))): the attack maximises ``CE(model(x), y)`` around Q(x), then re-discretizes.
 
     ``discretize`` maps [0, 1] images to [0, 1] images (the VQGAN round trip); it runs without
-    gradient. ``model`` should be in eval mode; only the input gradient is taken.
+    gradient and brings its own precision: pass the same policy to both, e.g.
+    ``dad_samples(teacher, partial(discretize, vqgan, precision=p), x, y, cfg, precision=p)``.
+    ``precision`` is the attack's (``pgd``): the model's forward and backward, not the step.
+    ``model`` should be in eval mode; only the input gradient is taken.
     ``y_B`` may be hard labels (B,) or soft targets (B, K).
     """
     with torch.no_grad():
         x0 = discretize(x_BCHW)
-    x1 = pgd(lambda x, y: soft_ce(model(x), y), x0, y_B, cfg, center=x0, generator=generator)
+    x1 = pgd(lambda x, y: soft_ce(model(x), y), x0, y_B, cfg, center=x0, generator=generator, precision=precision)
     with torch.no_grad():
         return discretize(x1)

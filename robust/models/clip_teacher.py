@@ -3,6 +3,9 @@
 logits = exp(logit_scale) * normalize(f_image(x)) @ W_DK, where column k of W_DK is the class-k text
 embedding averaged over the prompt templates (each L2-normalised, then the mean re-normalised).
 Input: RGB in [0, 1]; the teacher resizes to CLIP's input size and applies CLIP's mean/std itself.
+Weights are fp32 (open_clip's own ``precision`` stays at its fp32 default); bf16 comes from the
+caller's autocast (``robust.models.precision``), under which the image tower runs in bf16 and the
+normalisation and scaled cosine stay fp32.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class ClipTeacherConfig:
     class_names: list[str] = field(default_factory=list)  # empty: the 1000 ImageNet classes
     templates: list[str] = field(default_factory=list)  # "{}" marks the class; empty: the 80 OpenAI ones
     cache_dir: str = "~/.cache/robust-distill/clip"  # class-embedding matrices
-    precision: str = "fp32"  # open_clip precision: fp32, fp16, bf16, ...
+    compile: bool = False  # torch.compile the image tower (in place: names and state_dict unchanged)
 
 
 class ClipTeacher(nn.Module):
@@ -56,9 +59,11 @@ class ClipTeacher(nn.Module):
         if x01_BCHW.shape[-2:] != self.image_size:  # non-square inputs are squashed: crop them first
             x01_BCHW = F.interpolate(x01_BCHW, size=self.image_size, mode="bicubic", antialias=True)
         x_BCHW = normalize_images(x01_BCHW, self.mean_C, self.std_C)
-        dtype = next(self.clip.parameters()).dtype
-        features_BD = self.clip.encode_image(x_BCHW.to(dtype), normalize=True).float()
-        logits_BK = self.clip.logit_scale.exp().float() * features_BD @ self.class_embeddings_DK
+        image_BD = self.clip.encode_image(x_BCHW)  # bf16 under a caller's bf16 autocast
+        with torch.autocast(x_BCHW.device.type, enabled=False):
+            # fp32 head: a trained CLIP's logits (scale 100, values ~20-30) would round to steps of 1/8 in bf16
+            features_BD = F.normalize(image_BD.float(), dim=-1)
+            logits_BK = self.clip.logit_scale.exp() * features_BD @ self.class_embeddings_DK
         return logits_BK, features_BD
 
     def forward(self, x01_BCHW: torch.Tensor) -> torch.Tensor:
@@ -66,13 +71,18 @@ class ClipTeacher(nn.Module):
 
 
 def build_clip_teacher(cfg: ClipTeacherConfig, *, device: str | torch.device = "cpu") -> ClipTeacher:
-    """Create the open_clip model and its class embeddings (from the disk cache when present)."""
+    """Create the open_clip model (fp32, channels-last on CUDA) and its class embeddings (from the disk
+    cache when present); with ``cfg.compile`` the image tower is compiled on first use."""
     if cfg.arch not in open_clip.list_models():
         raise ValueError(f"unknown open_clip arch {cfg.arch!r}; pick one of open_clip.list_models()")
-    clip = open_clip.create_model(cfg.arch, pretrained=_weights(cfg), precision=cfg.precision, device=device)
+    clip = open_clip.create_model(cfg.arch, pretrained=_weights(cfg), device=device)
+    if torch.device(device).type == "cuda":  # convolutional towers (ResNets, the ViT patch embedding)
+        clip = clip.to(memory_format=torch.channels_last)
     class_names = list(cfg.class_names) or list(IMAGENET_CLASSNAMES)
     templates = list(cfg.templates) or default_templates()
     embeddings_DK, hit = class_embeddings(clip, cfg.arch, class_names, templates, cache_dir=cfg.cache_dir)
+    if cfg.compile:
+        clip.visual.compile()
     return ClipTeacher(clip, embeddings_DK, cache_hit=hit)
 
 

@@ -18,6 +18,7 @@ from taming.modules.diffusionmodules.model import Decoder, Encoder
 from taming.modules.vqvae.quantize import VectorQuantizer2
 from torch import nn
 
+from robust.models.precision import autocast
 from robust.models.weights import load_strict
 
 _DDCONFIG_FIELDS = (
@@ -43,8 +44,8 @@ class VQGANConfig:
     embed_dim: int = 4
     n_embed: int = 16384
     checkpoint: str = ""  # taming .ckpt, or .safetensors state_dict; "" = random init
-    bf16: bool = True  # CUDA only: encoder/decoder under bf16 autocast (code search stays fp32)
     channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the encoder and decoder (in place: names and state_dict unchanged)
     chunk_size: int = 64  # images per encode/decode in discretize (bounds memory); 0 = whole batch
 
 
@@ -105,14 +106,17 @@ class VQGAN(nn.Module):
 
 
 @torch.no_grad()
-def discretize(vqgan: VQGAN, x01_BCHW: torch.Tensor) -> torch.Tensor:
-    """Q(x) of DAD: [0, 1] images -> VQGAN reconstruction in [0, 1], same shape; no gradient flows."""
+def discretize(vqgan: VQGAN, x01_BCHW: torch.Tensor, *, precision: str = "auto") -> torch.Tensor:
+    """Q(x) of DAD: [0, 1] images -> VQGAN reconstruction in [0, 1], same shape; no gradient flows.
+
+    Encoder and decoder run under ``autocast(precision)`` ("auto": bf16 on CUDA, fp32 on CPU); the
+    nearest-code search stays fp32 (``VQGAN.encode``).
+    """
     cfg = vqgan.cfg
-    cuda = x01_BCHW.is_cuda
-    memory_format = torch.channels_last if cuda and cfg.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if x01_BCHW.is_cuda and cfg.channels_last else torch.contiguous_format
     outs = []
     for x01 in x01_BCHW.split(cfg.chunk_size or len(x01_BCHW)):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.bf16):
+        with autocast(precision, device=x01.device):
             x_pm1 = (2 * x01 - 1).contiguous(memory_format=memory_format)
             rec = vqgan.decode(vqgan.encode(x_pm1)[0])
         outs.append((rec.float().clamp(-1, 1) + 1) / 2)
@@ -120,13 +124,17 @@ def discretize(vqgan: VQGAN, x01_BCHW: torch.Tensor) -> torch.Tensor:
 
 
 def build_vqgan(cfg: VQGANConfig, *, device: str | torch.device = "cpu") -> VQGAN:
-    """A frozen, eval-mode VQGAN on ``device`` with ``cfg.checkpoint`` loaded (random init when "")."""
+    """A frozen, eval-mode fp32 VQGAN on ``device`` with ``cfg.checkpoint`` loaded (random init when "");
+    with ``cfg.compile`` its encoder and decoder are compiled on first use."""
     vqgan = VQGAN(cfg)
     if cfg.checkpoint:
         load_vqgan_weights(vqgan, cfg.checkpoint)
     vqgan = vqgan.requires_grad_(False).eval().to(device)
     if vqgan.quant_conv.weight.is_cuda and cfg.channels_last:
         vqgan = vqgan.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        vqgan.encoder.compile()
+        vqgan.decoder.compile()
     return vqgan
 
 

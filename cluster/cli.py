@@ -2,10 +2,11 @@
 
     robust-distill data digits OUT              the built-in digits data set as shards
     robust-distill data convert ROOT OUT        an ImageFolder tree (ImageNet layout) as shards
-    robust-distill data verify DIR              check a shard set against its manifest
+    robust-distill data verify DIR [--decode]   check a shard set against its manifest (and decode every sample)
     robust-distill k8s render --out DIR [--overlay NAME] [pools.*=... k8s.*=...]
                                                 KubeRay manifests from the typed pool config
     robust-distill k8s check FILE...            validate manifests against the pool sizes they run
+    robust-distill plan [key=value ...]         teacher GPUs, CPUs, network and hours of a DAD run
 
 Training and evaluation are recipes: ``python recipes/dad_imagenet.py --help``.
 """
@@ -17,6 +18,7 @@ import sys
 
 from cluster.deploy.k8s import OVERLAYS, load_deploy_config, render
 from cluster.deploy.k8s_checks import check_manifests, load_manifests
+from cluster.deploy.plan import add_plan_parser
 from robust.data.digits import build_digits_shards
 from robust.data.folder import convert_folder
 from robust.data.shards import verify_manifest
@@ -31,8 +33,9 @@ def _data(args: argparse.Namespace) -> None:
         print(f"wrote {report.manifest.total} samples in {len(report.manifest.shards)} shards to {args.out}; "
               f"skipped {len(report.skipped)}")
     else:
-        manifest = verify_manifest(args.dir)
-        print(f"{args.dir}: {manifest.total} samples in {len(manifest.shards)} shards, checksums match")
+        manifest = verify_manifest(args.dir, decode=args.decode)
+        decoded = ", every sample decodes" if args.decode else ""
+        print(f"{args.dir}: {manifest.total} samples in {len(manifest.shards)} shards, checksums match{decoded}")
 
 
 def _k8s(args: argparse.Namespace) -> None:
@@ -57,7 +60,9 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("out")
     conv.add_argument("--prefix", default="shard")
     conv.add_argument("--max-per-shard", type=int, default=1000)
-    dsub.add_parser("verify", help="check counts and checksums against manifest.json").add_argument("dir")
+    verify = dsub.add_parser("verify", help="check counts and checksums against manifest.json")
+    verify.add_argument("dir")
+    verify.add_argument("--decode", action="store_true", help="also decode every sample and check its label")
     data.set_defaults(func=_data)
     k8s = sub.add_parser("k8s", help="render and check KubeRay manifests")
     ksub = k8s.add_subparsers(dest="action", required=True)
@@ -67,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     rend.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. pools.student.num_workers=16")
     ksub.add_parser("check", help="validate manifest files").add_argument("files", nargs="+")
     k8s.set_defaults(func=_k8s)
+    add_plan_parser(sub)
     return p
 
 

@@ -16,19 +16,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cluster.dad_run import DadRecipeConfig, run  # noqa: E402
-from cluster.local import LOCAL_PRESET, prepare_local  # noqa: E402
-from cluster.ray_init import print_summary  # noqa: E402
+from cluster.console import print_summary  # noqa: E402
+from cluster.jobs.dad import DadConfig, run  # noqa: E402
+from cluster.jobs.dad_local import LOCAL  # noqa: E402
 from robust.config import recipe_main  # noqa: E402
 
 
-def _run(cfg: DadRecipeConfig, preset: str | None) -> None:
-    print_summary(run(cfg, extra_models=prepare_local(cfg) if preset == "local" else {}))
-
-
 def main(argv: list[str]) -> int:
-    recipe_main(argv, doc=__doc__, schema=DadRecipeConfig, presets={"local": LOCAL_PRESET}, run=_run)
+    recipe_main(argv, doc=__doc__, schema=DadConfig, presets={"local": LOCAL},
+                run=lambda cfg, extra: print_summary(run(cfg, extra_models=extra)))
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

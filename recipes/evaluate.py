@@ -4,11 +4,12 @@
     python recipes/evaluate.py config=eval.yaml models=[dad=runs/in1k/dad,timm:resnet50.a1_in1k,clip:ViT-B-16/openai]
     ray job submit --working-dir . -- python recipes/evaluate.py config=eval.yaml
 
-A model is ``[NAME=]SPEC``: an export (its folder, or ``<stem>.json`` with ``<stem>.safetensors``),
-``timm:<name>[.<tag>]`` (timm's pretrained weights) or ``clip:<arch>/<tag>`` (open_clip zero-shot).
-Sets are ``robust.eval.sets.EvalSetConfig`` entries (kind, root, name, image_size, corruptions, ...);
-the first is the in-distribution test set. See docs/evaluation.md. Overrides are omegaconf dotlists;
-``config=FILE.yaml`` adds a YAML layer; ``--help`` prints the full config with its defaults.
+A model is ``[NAME=]SPEC``: an export folder (timm's own format, or an RPT export), ``timm:<name>[.<tag>]``
+(timm's pretrained weights) or ``clip:<arch>/<tag>`` (open_clip zero-shot). Sets are
+``robust.eval.sets.EvalSetConfig`` entries (kind, root, name, image_size, corruptions, shifted, ...); the
+in-distribution test set is the one with ``shifted: false``. See docs/evaluation.md. Overrides are omegaconf
+dotlists; ``config=FILE.yaml`` adds a YAML layer; ``--help`` prints the full config with its defaults.
+The same evaluation runs in one process, without Ray, with ``robust.eval.benchmark.benchmark``.
 """
 
 from __future__ import annotations
@@ -18,21 +19,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cluster.eval_run import LOCAL_PRESET, EvalRecipeConfig, prepare_local, run  # noqa: E402
+from cluster.jobs.evaluation import EvaluationConfig, run  # noqa: E402
+from cluster.jobs.evaluation_local import LOCAL  # noqa: E402
 from robust.config import recipe_main  # noqa: E402
 
 
-def _run(cfg: EvalRecipeConfig, preset: str | None) -> None:
-    if preset == "local":
-        prepare_local(cfg)
+def _run(cfg: EvaluationConfig, _) -> None:
     _, files = run(cfg)
     print(files.markdown.read_text())
     print(f"report: {files.json} {files.markdown} {' '.join(map(str, files.plots.values()))}")
 
 
 def main(argv: list[str]) -> int:
-    recipe_main(argv, doc=__doc__, schema=EvalRecipeConfig, presets={"local": LOCAL_PRESET}, run=_run)
+    recipe_main(argv, doc=__doc__, schema=EvaluationConfig, presets={"local": LOCAL}, run=_run)
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . -- python recipes/robustify_large.py \\
         data.train_shards=/data/imagenet/train data.test_shards=/data/imagenet/val \\
-        robust_teacher.checkpoint=/ckpt/resnet50_augmix_deepaugment.safetensors
+        robust_teacher.checkpoint=/ckpt/resnet50_augmix_deepaugment
     python recipes/robustify_large.py preset=local     # digits, on this machine
 
 Methods (``run.methods``): rpt, and the baselines apt, full_finetune, wise_ft (alphas ``run.wise_alphas``),
@@ -18,19 +18,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cluster.ray_init import print_summary  # noqa: E402
-from cluster.rpt_local import RPT_LOCAL_PRESET, prepare_local  # noqa: E402
-from cluster.rpt_run import RptRecipeConfig, run  # noqa: E402
+from cluster.console import print_summary  # noqa: E402
+from cluster.jobs.rpt import RptConfig, run  # noqa: E402
+from cluster.jobs.rpt_local import LOCAL  # noqa: E402
 from robust.config import recipe_main  # noqa: E402
 
 
-def _run(cfg: RptRecipeConfig, preset: str | None) -> None:
-    print_summary(run(cfg, extra_models=prepare_local(cfg) if preset == "local" else {}))
-
-
 def main(argv: list[str]) -> int:
-    recipe_main(argv, doc=__doc__, schema=RptRecipeConfig, presets={"local": RPT_LOCAL_PRESET}, run=_run)
+    recipe_main(argv, doc=__doc__, schema=RptConfig, presets={"local": LOCAL},
+                run=lambda cfg, extra: print_summary(run(cfg, extra_models=extra)))
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

@@ -17,21 +17,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cluster.ray_init import print_summary  # noqa: E402
-from cluster.teacher_run import TEACHER_LOCAL_PRESET, RobustTeacherRecipeConfig, prepare_local, run  # noqa: E402
+from cluster.console import print_summary  # noqa: E402
+from cluster.jobs.robust_teacher import RobustTeacherJobConfig, run  # noqa: E402
+from cluster.jobs.robust_teacher_local import LOCAL  # noqa: E402
 from robust.config import recipe_main  # noqa: E402
 
 
-def _run(cfg: RobustTeacherRecipeConfig, preset: str | None) -> None:
-    if preset == "local":
-        prepare_local(cfg)
-    print_summary(run(cfg))
-
-
 def main(argv: list[str]) -> int:
-    recipe_main(argv, doc=__doc__, schema=RobustTeacherRecipeConfig, presets={"local": TEACHER_LOCAL_PRESET},
-                run=_run)
+    recipe_main(argv, doc=__doc__, schema=RobustTeacherJobConfig, presets={"local": LOCAL},
+                run=lambda cfg, _: print_summary(run(cfg)))
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

@@ -7,6 +7,7 @@ A typo or a wrong type is a ``ValueError`` that names the key, raised before any
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,20 +84,34 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return path
 
 
-def recipe_main(argv: Sequence[str], *, doc: str, schema: type[T], presets: Mapping[str, Mapping[str, Any]],
-                run: Callable[[T, str | None], Any]) -> Any:
+@dataclass(frozen=True)
+class Preset:
+    """A named starting point of a recipe: an overlay of config values, optionally with its own schema (a
+    subclass of the recipe's, adding the preset's sections, e.g. the local stages) and a ``prepare(cfg)``
+    step run before the job (it may fill fields such as the data paths, and returns what the job needs)."""
+
+    overlay: Mapping[str, Any]
+    schema: type | None = None
+    prepare: Callable[[Any], Any] | None = None
+
+
+def recipe_main(argv: Sequence[str], *, doc: str, schema: type[T], presets: Mapping[str, Preset],
+                run: Callable[[T, Any], Any]) -> Any:
     """A recipe's command line: ``--help`` prints ``doc`` and the defaults; otherwise merge
-    ``[preset=NAME] [config=FILE.yaml] [key=value ...]`` into ``schema`` and return ``run(cfg, preset)``.
-    A ``ValueError`` (a user error, with what to do) exits with its message instead of a traceback."""
+    ``[preset=NAME] [config=FILE.yaml] [key=value ...]`` into ``schema`` (or the preset's own schema),
+    run the preset's ``prepare`` and return ``run(cfg, prepared)`` (``prepared`` is None without a
+    preset). A ``ValueError`` (a user error, with what to do) exits with its message, not a traceback."""
     if {"-h", "--help"} & set(argv):
         print(doc + "\nDefaults:\n\n" + to_yaml(schema()))
         return None
     try:
-        preset, yaml_path, overrides = split_cli(list(argv))
-        if preset is not None and preset not in presets:
-            raise ValueError(f"unknown preset {preset!r}; available: {sorted(presets)}")
-        cfg = load_config(schema, presets=[presets[preset]] if preset else [], yaml_path=yaml_path,
-                          overrides=overrides)
-        return run(cfg, preset)
+        name, yaml_path, overrides = split_cli(list(argv))
+        if name is not None and name not in presets:
+            raise ValueError(f"unknown preset {name!r}; available: {sorted(presets)}")
+        preset = presets[name] if name is not None else None
+        cfg = load_config((preset.schema or schema) if preset else schema, presets=[preset.overlay] if preset else [],
+                          yaml_path=yaml_path, overrides=overrides)
+        prepared = preset.prepare(cfg) if preset and preset.prepare else None
+        return run(cfg, prepared)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None

@@ -43,35 +43,41 @@ AUGMENTATIONS = ("augmix", "deepaugment", "pixmix")
 
 
 @dataclass
-class TeacherTrainConfig:
-    """Training of a small timm teacher with the ``augmentations`` of the module docstring; the JSD
-    weight is ``augmix.jsd_weight``."""
+class RobustTeacherConfig:
+    """A small timm teacher and the ``augmentations`` of the module docstring (the JSD weight is
+    ``augmix.jsd_weight``), whatever trains it: the student pool, or ``train_robust_teacher``."""
 
     # timm's 0.37M-parameter test ResNet: on 32 px digits it beat test_byobnet at equal epochs, and
     # resnet10t costs ~7x more per step; 12 epochs of AugMix alone take ~80 s on one CPU thread
     # (~99.8% clean accuracy)
     model: TimmConfig = field(default_factory=lambda: TimmConfig(name="test_resnet", num_classes=10))
+    augmentations: list[str] = field(default_factory=lambda: ["augmix", "deepaugment"])
+    augmix: AugMixConfig = field(default_factory=AugMixConfig)
+    deepaugment: DeepAugConfig = field(default_factory=DeepAugConfig)
+    pixmix: PixMixConfig = field(default_factory=PixMixConfig)
+
+
+@dataclass
+class TeacherTrainConfig(RobustTeacherConfig):
+    """``RobustTeacherConfig`` plus the settings of the single-process loop ``train_robust_teacher``."""
+
     epochs: int = 12
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 0.05
     warmup_steps: int = 20
-    augmentations: list[str] = field(default_factory=lambda: ["augmix", "deepaugment"])
-    augmix: AugMixConfig = field(default_factory=AugMixConfig)
-    deepaugment: DeepAugConfig = field(default_factory=DeepAugConfig)
-    pixmix: PixMixConfig = field(default_factory=PixMixConfig)
     seed: int = 0
     threads: int = 1  # torch intra-op threads; the augmentations run in this same thread anyway
 
 
-def check_augmentations(cfg: TeacherTrainConfig) -> None:
+def check_augmentations(cfg: RobustTeacherConfig) -> None:
     """ValueError for an unknown or repeated name in ``cfg.augmentations``."""
     unknown = sorted(set(cfg.augmentations) - set(AUGMENTATIONS))
     if unknown or len(set(cfg.augmentations)) != len(cfg.augmentations):
         raise ValueError(f"augmentations {list(cfg.augmentations)}: pick each at most once from {list(AUGMENTATIONS)}")
 
 
-def teacher_batch(images_NHWC: np.ndarray, labels_N: np.ndarray, cfg: TeacherTrainConfig, *,
+def teacher_batch(images_NHWC: np.ndarray, labels_N: np.ndarray, cfg: RobustTeacherConfig, *,
                   mixing_M3HW: Tensor | None = None, generator: torch.Generator) -> dict[str, Tensor]:
     """The model input for a uint8 (N, H, W, 3) batch: ``{"image": float in [0, 1], (3N, 3, H, W)
     split-major with augmix else (N, 3, H, W); "label": int64 (N,)}``.
@@ -93,7 +99,7 @@ def teacher_batch(images_NHWC: np.ndarray, labels_N: np.ndarray, cfg: TeacherTra
     return {"image": image, "label": torch.as_tensor(labels_N, dtype=torch.long)}
 
 
-def robust_teacher_loss(model: nn.Module, batch: dict[str, Tensor], cfg: TeacherTrainConfig) -> Tensor:
+def robust_teacher_loss(model: nn.Module, batch: dict[str, Tensor], cfg: RobustTeacherConfig) -> Tensor:
     """The training loss on one ``teacher_batch``: CE + JSD consistency with augmix, else CE."""
     logits = model(batch["image"])
     if "augmix" in cfg.augmentations:

@@ -1,6 +1,6 @@
 import pytest
 
-from cluster.deepspeed_config import OptimConfig, deepspeed_config
+from cluster.engine.deepspeed_config import OptimConfig, deepspeed_config
 
 
 def test_config_follows_the_typed_config():

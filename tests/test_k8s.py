@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cluster.config import PoolsConfig, StudentPoolConfig, TeacherPoolConfig
+from cluster.engine.pools import PoolsConfig, StudentPoolConfig, TeacherPoolConfig
 from cluster.deploy.k8s import (OVERLAYS, K8sConfig, PodSize, build_objects, entrypoint, json_patch, load_deploy_config,
                          render, size_groups, write_tree)
 from cluster.deploy.k8s_checks import check_manifests, check_pools, load_manifests, pools_from_entrypoint

@@ -3,7 +3,6 @@ against SPEC 9, and pool overrides the KubeRay renderer accepts."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import subprocess
@@ -13,7 +12,8 @@ import pytest
 
 from cluster.deploy.k8s import build_objects, load_deploy_config
 from cluster.deploy.k8s_checks import check_manifests
-from cluster.deploy.plan import MEASURED, PlanConfig, add_plan_parser, load_measured, make_plan, plan_pools
+from cluster.cli import main
+from cluster.deploy.plan import MEASURED, PlanConfig, load_measured, make_plan, plan_pools
 
 # A made-up measurement: GFLOP per image, CPU ms per image, bytes per sample.
 TOY = {
@@ -69,11 +69,11 @@ def test_a_fractional_teacher_need_rounds_up():
 
 
 def _run_cli(argv, capsys):
-    parser = argparse.ArgumentParser(prog="robust-distill")
-    add_plan_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["plan", *argv])
-    args.func(args)
-    return capsys.readouterr().out
+    code = main(["plan", *argv])
+    out = capsys.readouterr()
+    if code:
+        raise ValueError(out.err)
+    return out.out
 
 
 def test_cli_prints_the_table(tmp_path, capsys):

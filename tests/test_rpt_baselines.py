@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ def test_full_finetune_freezes_nothing():
 def test_vpt_adds_exactly_n_prompts_times_dim_tuned_parameters():
     n = 5
     torch.manual_seed(0)
-    vpt, lp = build_method("vpt", VIT, vpt_prompts=n), build_method("linear_probe", VIT)
+    vpt, lp = build_method("vpt", dataclasses.replace(VIT, vpt_prompts=n)), build_method("linear_probe", VIT)
     assert vpt.param_counts()["tuned"] - lp.param_counts()["tuned"] == n * D
     assert vpt.param_counts()["total"] - lp.param_counts()["total"] == n * D
     tuned_names = [name for name, p in vpt.named_parameters() if p.requires_grad]
@@ -114,7 +115,7 @@ def test_method_table_builds_each_student_with_its_loss():
     base = RptLossConfig(tau=2.0, kd_weight=0.5)
     x = torch.rand(2, 3, 32, 32)
     for name, method in METHODS.items():
-        student = build_method(name, VIT, vpt_prompts=2)
+        student = build_method(name, dataclasses.replace(VIT, vpt_prompts=2))
         assert student.head_names == method.heads
         assert all(v.shape == (2, C) for v in student(x).values())
         loss = method_loss_config(name, base)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.stages import build_side_by_side
+from cluster.engine.stages import build_side_by_side
 
 
 def _write_pid(path: Path) -> str:

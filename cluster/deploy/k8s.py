@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import yaml
 
-from cluster.config import STUDENT_RESOURCE, TEACHER_RESOURCE, PoolsConfig
+from cluster.engine.pools import STUDENT_RESOURCE, TEACHER_RESOURCE, PoolsConfig
 from cluster.deploy.k8s_checks import STUDENT_GROUP, TEACHER_GROUP, check_manifests
 from robust.config import load_config
 

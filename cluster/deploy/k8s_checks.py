@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from cluster.config import STUDENT_RESOURCE, TEACHER_RESOURCE, PoolsConfig
+from cluster.engine.pools import STUDENT_RESOURCE, TEACHER_RESOURCE, PoolsConfig
 from robust.config import load_config
 
 TEACHER_GROUP = "teacher-gpu"

@@ -57,7 +57,6 @@ class ZeroShotConfig:
     class_names: list[str] = field(default_factory=list)  # empty: the 1000 ImageNet classes
     templates: list[str] = field(default_factory=list)  # "{}" marks the class; empty: the 80 OpenAI ones
     cache_dir: str = "~/.cache/robust-distill/clip"  # class-embedding matrices
-    precision: str = "fp32"
 
 
 @dataclass(frozen=True)

@@ -21,17 +21,7 @@ def kd_loss(student_logits_BK: Tensor, teacher_logits_BK: Tensor, tau: float) ->
     return tau**2 * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
 
 
-def soft_ce(logits_BK: Tensor, target: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
-    """Cross-entropy against soft targets (B, K) (mixup, CutMix) or hard labels (B,), batch mean.
-
-    ``label_smoothing`` applies to hard labels only: soft targets from timm's ``Mixup`` already
-    carry their smoothing, and smoothing them twice is a silent bug, so it is refused.
-    """
-    if target.dim() == 2:
-        if label_smoothing > 0:
-            raise ValueError(
-                "label_smoothing is for hard labels; these targets are soft (mixup already smooths "
-                "them): set label_smoothing=0 and configure the smoothing in the mixup"
-            )
-        return F.cross_entropy(logits_BK.float(), target.float())
-    return F.cross_entropy(logits_BK.float(), target, label_smoothing=label_smoothing)
+def soft_ce(logits_BK: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy against soft targets (B, K) (mixup, CutMix, label smoothing: all made with the
+    targets by ``robust.train_transforms``) or hard labels (B,), batch mean."""
+    return F.cross_entropy(logits_BK.float(), target.float() if target.dim() == 2 else target)

@@ -21,29 +21,28 @@ Terms = dict[str, Tensor]
 
 @dataclass
 class ObjectiveConfig:
-    """Which student loss, and its weights.
+    """The weights of the student losses (the kind is the method's: ``objective(kind, cfg, ...)``).
 
     ``kd_weight`` (kinds kd, dad_online) multiplies each ``tau^2 * KL`` term; 0.5 gives SPEC 4's
     ``tau^2 / 2``. The offline pair reproduces the official training script's
     ``0.75 CE + 4 KL(T || S)``: ``offline_kd_weight * tau^2 = 0.25 * 16 = 4`` (Hinton's
-    ``(1 - a) CE + a tau^2 KL`` with a = 0.25). ``label_smoothing`` applies to hard labels only.
+    ``(1 - a) CE + a tau^2 KL`` with a = 0.25). Label smoothing is part of the targets ``y``
+    (``robust.train_transforms``), so the losses here take soft targets as they come.
     """
 
-    kind: str = "dad_online"
     tau: float = 4.0
     kd_weight: float = 0.5
     offline_ce_weight: float = 0.75
     offline_kd_weight: float = 0.25
-    label_smoothing: float = 0.0
 
 
 def _ce(cfg: ObjectiveConfig, s: Tensor, y: Tensor) -> tuple[Tensor, Terms]:
-    ce = soft_ce(s, y, label_smoothing=cfg.label_smoothing)
+    ce = soft_ce(s, y)
     return ce, {"ce": ce}
 
 
 def _kd(cfg: ObjectiveConfig, s: Tensor, y: Tensor, *, t: Tensor) -> tuple[Tensor, Terms]:
-    ce = soft_ce(s, y, label_smoothing=cfg.label_smoothing)
+    ce = soft_ce(s, y)
     kd = kd_loss(s, t, cfg.tau)
     return ce + cfg.kd_weight * kd, {"ce": ce, "kd_clean": kd}
 
@@ -52,7 +51,7 @@ def _dad_online(
     cfg: ObjectiveConfig, s: Tensor, y: Tensor, *, t: Tensor, s_adv: Tensor, t_adv: Tensor
 ) -> tuple[Tensor, Terms]:
     """CE(S(x), y) + (tau^2/2) KL(p_T(x) || p_S(x)) + (tau^2/2) KL(p_T(x_dad) || p_S(x_dad))."""
-    ce = soft_ce(s, y, label_smoothing=cfg.label_smoothing)
+    ce = soft_ce(s, y)
     kd_clean, kd_adv = kd_loss(s, t, cfg.tau), kd_loss(s_adv, t_adv, cfg.tau)
     loss = ce + cfg.kd_weight * (kd_clean + kd_adv)
     return loss, {"ce": ce, "kd_clean": kd_clean, "kd_adv": kd_adv}
@@ -63,15 +62,14 @@ def _dad_offline(
 ) -> tuple[Tensor, Terms]:
     """Clean and DAD batches concatenated: 0.75 CE + 0.25 tau^2 KL, KL batch-mean over both."""
     s_all, t_all, y_all = torch.cat([s, s_adv]), torch.cat([t, t_adv]), torch.cat([y, y])
-    ce = soft_ce(s_all, y_all, label_smoothing=cfg.label_smoothing)
+    ce = soft_ce(s_all, y_all)
     kd = kd_loss(s_all, t_all, cfg.tau)
     return cfg.offline_ce_weight * ce + cfg.offline_kd_weight * kd, {"ce": ce, "kd": kd}
 
 
 def _dat(cfg: ObjectiveConfig, s: Tensor, y: Tensor, *, s_adv: Tensor) -> tuple[Tensor, Terms]:
     """DAT (Mao et al. 2022): CE on the clean batch + CE on its discrete adversarial batch."""
-    ce_clean = soft_ce(s, y, label_smoothing=cfg.label_smoothing)
-    ce_adv = soft_ce(s_adv, y, label_smoothing=cfg.label_smoothing)
+    ce_clean, ce_adv = soft_ce(s, y), soft_ce(s_adv, y)
     return ce_clean + ce_adv, {"ce_clean": ce_clean, "ce_adv": ce_adv}
 
 
@@ -86,7 +84,11 @@ _KINDS: dict[str, tuple[Callable[..., tuple[Tensor, Terms]], tuple[str, ...]]] =
 _ARG_NAMES = {"t": "teacher_logits", "s_adv": "student_adv_logits", "t_adv": "teacher_adv_logits"}
 
 
+KINDS = tuple(_KINDS)
+
+
 def objective(
+    kind: str,
     cfg: ObjectiveConfig,
     *,
     student_logits: Tensor,
@@ -95,19 +97,19 @@ def objective(
     student_adv_logits: Tensor | None = None,
     teacher_adv_logits: Tensor | None = None,
 ) -> tuple[Tensor, Terms]:
-    """The student loss of ``cfg.kind`` on one batch; inputs the kind does not use are ignored.
+    """The student loss ``kind`` on one batch; inputs the kind does not use are ignored.
 
     All logits are (B, K); ``y`` is hard labels (B,) or soft targets (B, K), shared by the clean
     and the adv batch. Teacher logits may be fp16; everything is computed in fp32.
     """
-    if cfg.kind not in _KINDS:
-        raise ValueError(f"objective kind {cfg.kind!r} is unknown; use one of {sorted(_KINDS)}")
+    if kind not in _KINDS:
+        raise ValueError(f"objective kind {kind!r} is unknown; use one of {sorted(_KINDS)}")
     if cfg.tau <= 0:
         raise ValueError(f"objective tau={cfg.tau} must be > 0")
-    fn, needs = _KINDS[cfg.kind]
+    fn, needs = _KINDS[kind]
     given = {"t": teacher_logits, "s_adv": student_adv_logits, "t_adv": teacher_adv_logits}
     missing = [_ARG_NAMES[k] for k in needs if given[k] is None]
     if missing:
-        raise ValueError(f"objective {cfg.kind!r} needs {', '.join(missing)}; pass them to objective()")
+        raise ValueError(f"objective {kind!r} needs {', '.join(missing)}; pass them to objective()")
     loss, terms = fn(cfg, student_logits, y, **{k: given[k] for k in needs})
     return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}

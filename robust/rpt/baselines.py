@@ -69,7 +69,7 @@ def _method(name: str) -> Method:
     return METHODS[name]
 
 
-def build_method(name: str, cfg: PartialConfig, *, vpt_prompts: int = 10) -> PartialModel:
+def build_method(name: str, cfg: PartialConfig) -> PartialModel:
     """The student of method ``name`` on the large model of ``cfg`` (``cfg.heads`` is the method's)."""
     method = _method(name)
     if method.student == "partial":
@@ -78,7 +78,7 @@ def build_method(name: str, cfg: PartialConfig, *, vpt_prompts: int = 10) -> Par
         return build_linear_probe(cfg)
     if method.student == "full_finetune":
         return build_full_finetune(cfg)
-    return build_vpt(cfg, n_prompts=vpt_prompts)
+    return build_vpt(cfg, n_prompts=cfg.vpt_prompts)
 
 
 def method_loss_config(name: str, base: RptLossConfig) -> RptLossConfig:
@@ -134,7 +134,7 @@ class PromptTokens(nn.Module):
     def __init__(self, blocks: nn.Module, *, n: int, dim: int, n_prefix: int, patch_area: int) -> None:
         super().__init__()
         if n < 1:
-            raise ValueError(f"vpt_prompts={n} must be >= 1")
+            raise ValueError(f"large.vpt_prompts={n} must be >= 1")
         bound = math.sqrt(6.0 / (3 * patch_area + dim))  # VPT's xavier-uniform init over the patch fan-in
         self.prompts_PD = nn.Parameter(torch.empty(n, dim).uniform_(-bound, bound))
         self.blocks, self.n_prefix = _Frozen(blocks), n_prefix

@@ -66,8 +66,6 @@ def export_rpt(
         "param_counts": student.param_counts(),
         "split": {k: v for k, v in student.info.items() if k != "input_size"},  # for reports
     }
-    if "prompts" in student.info:
-        meta["vpt_prompts"] = student.info["prompts"]
     (out_dir / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return weights
 
@@ -127,12 +125,11 @@ def load_rpt(path: str | Path, *, stem: str = "model") -> RptClassifier:
     # random init of the same architecture: no download, no checkpoint read; the weights come next
     cfg = dataclasses.replace(cfg, timm=dataclasses.replace(cfg.timm, pretrained=False, checkpoint=None),
                               clip=dataclasses.replace(cfg.clip, pretrained=""))  # fmt: skip
-    extra = {"vpt_prompts": meta["vpt_prompts"]} if "vpt_prompts" in meta else {}
     with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
         # a fixed seed gives open_clip's random text tower the same weights on every load, so its
         # class-embedding cache entry (only used to build the head before it is overwritten) is reused
         torch.manual_seed(0)
-        student = build_method(meta["method"], cfg, **extra)
+        student = build_method(meta["method"], cfg)
     load_strict(student, safetensors.torch.load_file(str(weights)), source=f"weights {str(weights)!r}",
                 hint=f"they must come from the same export as {meta_path.name}")  # fmt: skip
     if student.param_counts() != meta["param_counts"]:

@@ -56,6 +56,7 @@ class PartialConfig:
     tune_from_block: int | None = None
     dropout: float = 0.25  # paper appendix G
     heads: list[str] = field(default_factory=lambda: list(HEADS))
+    vpt_prompts: int = 10  # the VPT baseline's prompt tokens (VPT-shallow)
 
 
 class LargeModel(NamedTuple):

@@ -1,9 +1,13 @@
-"""Student pool: Ray Train TorchTrainer workers running DeepSpeed ZeRO on the teacher pool's stream.
+"""The student pool: Ray Train TorchTrainer workers running DeepSpeed ZeRO on a stream of batches.
 
-Each worker builds the student, wraps it with ``deepspeed.initialize`` and reads its shard of the
-teacher pool's output (Ray Data streaming split: bounded, backpressured). Checkpoints (DeepSpeed's
-own, per rank) are reported to Ray Train every N steps and at each epoch's end; a restarted worker
-or a restarted run with the same name resumes model, optimizer, scheduler, step and data position.
+Each worker builds the task's module (same seed on every rank), wraps it with ``deepspeed.initialize``
+(config derived from ``OptimConfig``) and reads its split of the stream (Ray Data streaming split:
+bounded, backpressured; with ``data.preserve_order`` the same split on every run). An epoch is a fixed
+number of micro-batches on every rank (ZeRO ranks step in lock-step); all epochs are one stream.
+Checkpoints (DeepSpeed's own, per rank, plus the EMA and the train state) are reported to Ray Train
+every ``checkpoint_every`` steps and at each epoch's end; a restarted worker group, or a restarted run
+with the same name, resumes model, optimizer, scheduler, step and data position. Rank 0 writes
+``metrics.jsonl`` and exports the trained module.
 """
 
 from __future__ import annotations
@@ -23,34 +27,34 @@ import torch.distributed as dist
 from ray.data import ExecutionOptions
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-
-from cluster.config import STUDENT_RESOURCE, StudentPoolConfig
-from cluster.deepspeed_config import OptimConfig, deepspeed_config
 from timm.utils import ModelEmaV3
 
-from cluster.student_tasks import StudentTask
+from cluster.engine import batch as B
+from cluster.engine.deepspeed_config import OptimConfig, deepspeed_config
+from cluster.engine.pools import STUDENT_RESOURCE, TEACHER_RESOURCE, StudentPoolConfig
+from cluster.engine.tasks import StudentTask
+from robust.seeding import combine, seed_everything
 
 CKPT_TAG = "ckpt"
 EMA_FILE = "ema.pt"
+DONE = "done.json"  # rank 0 writes it after the export, with the training cost: a finished model
 
 
 @dataclass
-class StudentJob:
-    """Everything a worker needs; picklable, built by the recipe from its typed config."""
+class TrainJob:
+    """Everything a worker needs; picklable, built by the job from its typed config."""
 
-    task: StudentTask  # what is trained on each batch: cluster.student_tasks
+    task: StudentTask  # what is trained on each batch: cluster.engine.tasks
     optim: OptimConfig
     epochs: int
     steps_per_epoch: int  # optimizer steps per epoch, identical on every rank (ZeRO needs lock-step)
-    run_dir: str  # metrics.jsonl and the exported student go here
+    run_dir: str  # metrics.jsonl and the export go here
+    seed: int  # the student's initialisation (same on every rank) and its dropout (per rank)
     checkpoint_every: int = 200
     log_every: int = 10
-    export_stem: str = "student"
-    resume: ray.actor.ActorHandle | None = None  # cluster.pipeline.ResumePoint shared with the read tasks
-    # Test hooks: the rank that exits once at this global step (0: never), and a file of the
-    # (epoch, key, teacher pid) of every sample trained on.
-    fail_at_step: int = 0
-    record_ids: bool = False
+    log_keys: bool = False  # debug: every rank appends the (epoch, key) of each sample it trains on to keys.rank<r>.jsonl
+    resume: ray.actor.ActorHandle | None = None  # cluster.engine.streams.ResumePoint shared with the read tasks
+    started_at: float = 0.0  # time.time() when the driver submitted it: the start-up cost runs from here
 
 
 @dataclass
@@ -58,27 +62,26 @@ class TrainState:
     epoch: int = 0
     step: int = 0  # optimizer steps done
     micro_in_epoch: int = 0  # micro-batches consumed in the current epoch (the data position)
-    samples: int = 0
-    corrupt: int = 0
+    samples: int = 0  # valid samples trained on by this rank
+    first_batch_at: float = 0.0  # time.time() of the first micro-batch of the run (kept across restarts)
 
 
 @dataclass
 class _Window:
-    sums: dict[str, float] = field(default_factory=dict)
-    n: int = 0
+    sums: dict[str, float] = field(default_factory=dict)  # loss terms summed over micro-batches
+    counts: dict[str, int] = field(default_factory=dict)  # micro-batches that reported each term
     samples: int = 0
-    corrupt: int = 0
-    teachers: set = field(default_factory=set)
+    skipped: list[str] = field(default_factory=list)  # "key: reason" of placeholder rows
     t0: float = field(default_factory=time.perf_counter)
 
 
 def _micro_step(engine, task: StudentTask, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    valid = np.asarray(batch["valid"])
-    if not valid.any():  # a batch of only corrupt samples still steps, with zero loss, for lock-step
+    valid = np.asarray(batch[B.VALID])
+    if not valid.any():  # a micro-batch of placeholders still steps, with zero loss, for lock-step
         loss = sum(p.sum() * 0 for p in engine.module.parameters() if p.requires_grad)
         engine.backward(loss)
         engine.step()
-        return {"loss": torch.zeros((), device=engine.device)}
+        return {}
     rows = {k: np.asarray(v)[valid] for k, v in batch.items()}
 
     def forward(x: torch.Tensor):
@@ -97,17 +100,44 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def _log(window: _Window, state: TrainState, engine, job: StudentJob, rank: int) -> dict:
-    keys = sorted(window.sums)
-    totals = _all_reduce_sum([window.n, window.samples, window.corrupt, *(window.sums[k] for k in keys)])
-    n, samples, corrupt = totals[:3]
+def _all_gather(obj: object) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def teacher_actors_alive() -> int:
+    """Teacher-pool actors alive now, from Ray's state API (actors holding the "teacher" resource)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                         detail=True, limit=10_000, raise_on_missing_output=False)
+    return sum(TEACHER_RESOURCE in (a.required_resources or {}) for a in actors)
+
+
+def object_store_used_bytes() -> float:
+    """Object store bytes in use across the cluster (Ray's resource view), the stream's data in flight."""
+    return ray.cluster_resources().get("object_store_memory", 0.0) - ray.available_resources().get(
+        "object_store_memory", 0.0)
+
+
+def _log(window: _Window, state: TrainState, engine, job: TrainJob, rank: int) -> dict:
+    # every rank gathers the same term names (a rank may have seen only placeholders in this window)
+    gathered = _all_gather((sorted(window.sums), window.skipped))
+    keys = sorted({k for names, _ in gathered for k in names})
+    totals = _all_reduce_sum([window.samples, *(window.sums.get(k, 0.0) for k in keys),
+                              *(window.counts.get(k, 0) for k in keys)])
+    samples, sums, counts = totals[0], totals[1:1 + len(keys)], totals[1 + len(keys):]
     dt = time.perf_counter() - window.t0
+    skipped = [k for _, part in gathered for k in part]
     row = {"epoch": state.epoch, "step": state.step, "lr": engine.get_lr()[0],
-           **{k: v / max(n, 1) for k, v in zip(keys, totals[3:])},
+           **{k: v / max(c, 1) for k, v, c in zip(keys, sums, counts)},
            "samples": int(samples), "window_s": dt, "samples_per_s": samples / max(dt, 1e-9),
-           "corrupt_skipped": int(corrupt),
-           "teacher_actors_active": len(window.teachers)}
+           "skipped": len(skipped), "skipped_keys": skipped}
     if rank == 0:
+        row |= {"teacher_actors_alive": teacher_actors_alive(), "object_store_bytes": object_store_used_bytes()}
         with open(Path(job.run_dir) / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"[{Path(job.run_dir).name}] epoch {state.epoch + 1}/{job.epochs} step {state.step}/"
@@ -121,7 +151,8 @@ def _save(engine, ema: ModelEmaV3 | None, state: TrainState, metrics: dict) -> N
         engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"train_state": asdict(state)})
         if ema is not None and ray.train.get_context().get_world_rank() == 0:
             torch.save(ema.module.state_dict(), Path(d) / EMA_FILE)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        ray.train.report({k: v for k, v in metrics.items() if k != "skipped_keys"},
+                         checkpoint=Checkpoint.from_directory(d))
 
 
 def _restore(engine, ema: ModelEmaV3 | None) -> TrainState:
@@ -144,15 +175,22 @@ def _full_state_dict(engine) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
 
 
+def _log_keys(job: TrainJob, rank: int, step: int, batch: dict[str, np.ndarray]) -> None:
+    rows = [{"step": step, "epoch": int(e), "key": str(k)} for e, k, v in
+            zip(batch[B.EPOCH], batch[B.KEY], batch[B.VALID]) if v]
+    with open(Path(job.run_dir) / f"keys.rank{rank}.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def train_loop(config: dict) -> None:
     """The per-worker loop (Ray Train calls it on every worker)."""
     import deepspeed
 
-    job: StudentJob = config["job"]
+    job: TrainJob = config["job"]
     os.nice(config["nice"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(1234 + rank)
+    seed_everything(job.seed)  # the same initialisation on every rank
     model = job.task.build()
     ds_cfg = deepspeed_config(job.optim, world_size=world, total_steps=job.epochs * job.steps_per_epoch,
                               on_gpu=torch.cuda.is_available())
@@ -161,14 +199,13 @@ def train_loop(config: dict) -> None:
     # ZeRO <= 2 keeps full parameters on every rank, so every rank's EMA is the same (validate_optim).
     ema = ModelEmaV3(engine.module, decay=job.optim.ema_decay) if job.optim.ema_decay else None
     state = _restore(engine, ema)
+    seed_everything(combine([job.seed, rank, state.step]))  # dropout and task-side draws, per rank
     if job.resume is not None:  # the read tasks skip the epochs before this one (set before reading)
         ray.get(job.resume.set.remote(state.epoch))
     micro_per_epoch = job.steps_per_epoch * job.optim.grad_accum
     shard = ray.train.get_dataset_shard("train")
-    ids_file = Path(job.run_dir) / f"seen_ids.rank{rank}.txt" if job.record_ids else None
-    # All epochs are one stream; an epoch is micro_per_epoch micro-batches on every rank (ZeRO ranks step
-    # in lock-step). The stream starts at the resumed epoch; the first micro_in_epoch micro-batches are
-    # the ones done before the checkpoint. Rows past the last step are left unread.
+    # The stream starts at the resumed epoch; its first micro_in_epoch micro-batches are the ones done
+    # before the checkpoint. Rows past the last step are left unread.
     batches = iter(shard.iter_batches(batch_size=job.optim.micro_batch_size, drop_last=True))
     for _ in range(state.micro_in_epoch):
         next(batches, None)
@@ -176,29 +213,27 @@ def train_loop(config: dict) -> None:
     engine.train()
     while state.epoch < job.epochs:
         batch = next(batches, None)
-        assert batch is not None, "the stream ended before the last step: steps_per_epoch too large"
+        if batch is None:
+            raise RuntimeError(f"the stream ended at step {state.step} of {job.epochs * job.steps_per_epoch}: "
+                               "the shard manifests promise more samples than the stream delivered")
+        B.validate(batch, needs=job.task.needs)
+        state.first_batch_at = state.first_batch_at or time.time()
         terms = _micro_step(engine, job.task, batch)
         state.micro_in_epoch += 1
-        n_valid = int(batch["valid"].sum())
+        n_valid = int(batch[B.VALID].sum())
         state.samples += n_valid
-        state.corrupt += len(batch["valid"]) - n_valid
-        window.n += 1
         window.samples += n_valid
-        window.corrupt += len(batch["valid"]) - n_valid
-        window.teachers.update(np.unique(batch["teacher_pid"]).tolist())
+        window.skipped += [f"{k}: {r}" for k, r, v in zip(batch[B.KEY], batch[B.SKIP_REASON], batch[B.VALID]) if not v]
         for k, v in terms.items():
             window.sums[k] = window.sums.get(k, 0.0) + float(v)
-        if ids_file is not None:
-            with open(ids_file, "a") as f:
-                f.write("".join(f"{e} {k} {p}\n" for e, k, p, v in zip(
-                    batch["epoch"], batch["key"], batch["teacher_pid"], batch["valid"]) if v))
+            window.counts[k] = window.counts.get(k, 0) + 1
+        if job.log_keys:
+            _log_keys(job, rank, state.step, batch)
         if state.micro_in_epoch % job.optim.grad_accum:
             continue
         state.step += 1
         if ema is not None:
             ema.update(engine.module, step=state.step)
-        if job.fail_at_step and state.step == job.fail_at_step and rank == world - 1:
-            _fail_once(job)
         epoch_done = state.micro_in_epoch == micro_per_epoch
         if epoch_done or state.step % job.log_every == 0 or state.step % job.checkpoint_every == 0:
             row = _log(window, state, engine, job, rank)
@@ -208,23 +243,17 @@ def train_loop(config: dict) -> None:
             if epoch_done or state.step % job.checkpoint_every == 0:
                 _save(engine, ema, state, row)
     full = _full_state_dict(engine) if ema is None else ema.module.state_dict()
+    samples = int(_all_reduce_sum([state.samples])[0])
     if rank == 0:
         model.load_state_dict(full)
-        job.task.export(model, job.run_dir, stem=job.export_stem)
+        job.task.export(model, job.run_dir)
+        cost = {"startup_s": state.first_batch_at - job.started_at, "train_s": time.time() - state.first_batch_at,
+                "train_samples": samples}
+        (Path(job.run_dir) / DONE).write_text(json.dumps(cost))
 
 
-def _fail_once(job: StudentJob) -> None:
-    marker = Path(job.run_dir) / ".failed_once"
-    if not marker.exists():
-        marker.write_text("worker failure injected by StudentJob.fail_at_step\n")
-        # Ray Train's controller registers reported checkpoints when it polls the workers (every 2 s):
-        # wait past one poll so the failure resumes from the latest report deterministically.
-        time.sleep(5)
-        os._exit(1)
-
-
-def fit_students(job: StudentJob, dataset: ray.data.Dataset, pool: StudentPoolConfig, *,
-                 name: str, storage_path: str, execution: ExecutionOptions, max_failures: int = 3) -> ray.train.Result:
+def fit(job: TrainJob, dataset: ray.data.Dataset, pool: StudentPoolConfig, *, name: str, storage_path: str,
+        execution: ExecutionOptions, max_failures: int = 3) -> ray.train.Result:
     """Train on ``dataset`` with ``pool.num_workers`` DeepSpeed workers; resumes run ``name`` if it exists."""
     os.makedirs(job.run_dir, exist_ok=True)
     use_gpu = pool.gpus_per_worker > 0

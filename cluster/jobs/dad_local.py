@@ -1,9 +1,9 @@
-"""``preset=local``: the whole DAD pipeline on one CPU machine on the built-in digits data set.
+"""``preset=local`` of the DAD job: the whole pipeline on one CPU machine on the built-in digits data set.
 
 Cached stages (reused on a second run, under ``<run.out_dir>/cache``): digits shards, a small
 AugMix-robust teacher and a small VQGAN (built side by side, one process and one thread each). Then
-three students of one architecture (CE, KD, DAD) train through the real pools: one teacher actor and
-two DeepSpeed ZeRO-2 workers on a local Ray cluster.
+one student per method (CE, KD, DAD) trains through the real pools: one teacher actor and two DeepSpeed
+ZeRO-2 workers on a local Ray cluster. The stages' settings are the preset's own ``local`` section.
 """
 
 from __future__ import annotations
@@ -17,32 +17,42 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from cluster.stages import build_side_by_side
+from cluster.engine.stages import build_side_by_side
+from cluster.jobs.dad import DadConfig
 from robust.cache import cache_dir_for, cached_stage
+from robust.config import Preset
 from robust.data.digits import build_digits_shards, digits_arrays
 from robust.models.vqgan import VQGANConfig
 from robust.models.vqgan_train import VQGANTrainConfig, train_vqgan
 from robust.teacher_train import TeacherTrainConfig, cached_teacher, teacher_cache_dir
 
+VQGAN_STAGE = "vqgan"
+
 
 @dataclass
-class LocalConfig:
-    """The cached stages of ``preset=local`` (ignored otherwise)."""
+class LocalStages:
+    """The cached stages: SPEC 4's local reference teacher (AugMix + JSD) and the digits VQGAN."""
 
-    # SPEC 4's local reference teacher: AugMix + JSD only (DeepAugment is the RPT preset's default)
     teacher: TeacherTrainConfig = field(default_factory=lambda: TeacherTrainConfig(augmentations=["augmix"]))
     vqgan: VQGANTrainConfig = field(default_factory=VQGANTrainConfig)
     vqgan_steps: int = 600
     vqgan_threads: int = 1
 
 
+@dataclass
+class DadLocalConfig(DadConfig):
+    local: LocalStages = field(default_factory=LocalStages)
+
+
 # At 32 px the VQ round trip alone moves an image by L2 ~0.7, so eps 0.1 adds nothing: the attack
 # budget is scaled to the image size and the discretizer's error (SPEC section 4, local reference).
-LOCAL_PRESET: dict = {
+OVERLAY: dict = {
     "data": {"max_in_flight_mb": 64},
     "teacher": {"kind": "timm"},
     "dad": {"eps": 1.0, "alpha": 1.0},
-    "augment": {"crop_size": 32, "scale": [0.7, 1.0], "ratio": [0.9, 1.1], "hflip": False},
+    "augment": {"crop_size": 32, "scale": [0.7, 1.0], "ratio": [0.9, 1.1], "hflip": 0.0, "interpolation": "bilinear",
+                "auto_augment": "", "color_jitter": 0.0, "re_prob": 0.0, "mixup": 0.0, "cutmix": 0.0,
+                "label_smoothing": 0.0},
     "student": {"name": "test_resnet", "num_classes": 10},
     "optim": {"zero_stage": 2, "micro_batch_size": 64, "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 10},
     "pools": {
@@ -55,7 +65,7 @@ LOCAL_PRESET: dict = {
 }
 
 
-def prepare_local(cfg) -> dict[str, Path]:
+def prepare(cfg: DadLocalConfig) -> dict[str, Path]:
     """Build (or reuse) the cached stages and point ``cfg`` at them; returns extra models to evaluate."""
     cache = Path(cfg.run.out_dir).expanduser().resolve() / "cache"
     dirs = build_digits_shards(cache / "digits")
@@ -65,19 +75,19 @@ def prepare_local(cfg) -> dict[str, Path]:
         cache_dir_for(cache, VQGAN_STAGE, _vqgan_stage(cfg.local)): functools.partial(cached_vqgan, cache, cfg.local),
     })
     _, teacher_dir = cached_teacher(cache, cfg.local.teacher)
-    cfg.teacher.timm = dataclasses.replace(cfg.local.teacher.model, checkpoint=str(teacher_dir / "teacher.safetensors"))
+    cfg.teacher.timm = dataclasses.replace(cfg.local.teacher.model, checkpoint=str(teacher_dir))
     cfg.vqgan = cached_vqgan(cache, cfg.local)
     return {"teacher": teacher_dir}
 
 
-VQGAN_STAGE = "vqgan"
+LOCAL = Preset(OVERLAY, schema=DadLocalConfig, prepare=prepare)
 
 
-def _vqgan_stage(cfg: LocalConfig) -> dict:
+def _vqgan_stage(cfg: LocalStages) -> dict:
     return {"vqgan": cfg.vqgan, "steps": cfg.vqgan_steps}
 
 
-def cached_vqgan(cache: Path, cfg: LocalConfig) -> VQGANConfig:
+def cached_vqgan(cache: Path, cfg: LocalStages) -> VQGANConfig:
     """The local VQGAN trained on the digits train split (cached); returns its config with the checkpoint."""
 
     def build(out: Path) -> None:

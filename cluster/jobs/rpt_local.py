@@ -1,9 +1,9 @@
-"""``preset=local`` of the RPT recipe: the whole method on one CPU machine on the built-in digits.
+"""``preset=local`` of the RPT job: the whole method on one CPU machine on the built-in digits.
 
 Cached stages (under ``<run.out_dir>/cache``, shared with the DAD preset): digits shards, the "large"
 model pretrained on clean digits (plain CE) and the small robust teacher trained with AugMix +
 DeepAugment, built side by side (one process and one thread each). Then RPT and the baselines tune
-the large model through the real pools.
+the large model through the real pools. The stages' settings are the preset's own ``local`` section.
 """
 
 from __future__ import annotations
@@ -13,27 +13,33 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.stages import build_side_by_side
+from cluster.engine.stages import build_side_by_side
+from cluster.jobs.rpt import RptConfig
+from robust.config import Preset
 from robust.data.digits import build_digits_shards
 from robust.models.timm_models import TimmConfig
 from robust.teacher_train import TeacherTrainConfig, cached_teacher, teacher_cache_dir
 
 
 @dataclass
-class RptLocalConfig:
-    """The cached stages of ``preset=local`` (ignored otherwise)."""
-
+class RptLocalStages:
     large: TeacherTrainConfig = field(default_factory=lambda: TeacherTrainConfig(
         model=TimmConfig(name="test_vit", num_classes=10, img_size=32), augmentations=[], epochs=15))
     teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)  # AugMix + DeepAugment
 
 
-RPT_LOCAL_PRESET: dict = {
+@dataclass
+class RptLocalConfig(RptConfig):
+    local: RptLocalStages = field(default_factory=RptLocalStages)
+
+
+OVERLAY: dict = {
     "data": {"max_in_flight_mb": 64},
     "large": {"timm": {"name": "test_vit", "num_classes": 10, "img_size": 32, "pretrained": False},
               "tune_fraction": 0.2},
     "robust_teacher": {"name": "test_resnet", "num_classes": 10},
-    "augment": {"crop_size": 32, "scale": [0.7, 1.0], "ratio": [0.9, 1.1], "hflip": False},
+    "augment": {"crop_size": 32, "scale": [0.7, 1.0], "ratio": [0.9, 1.1], "hflip": 0.0, "interpolation": "bilinear",
+                "color_jitter": 0.0},
     "optim": {"zero_stage": 2, "micro_batch_size": 64, "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 5},
     "pools": {
         "teacher": {"min_actors": 1, "max_actors": 1, "gpus_per_actor": 0, "cpus_per_actor": 1, "batch_size": 64},
@@ -44,16 +50,18 @@ RPT_LOCAL_PRESET: dict = {
 }
 
 
-def prepare_local(cfg) -> dict[str, Path]:
+def prepare(cfg: RptLocalConfig) -> dict[str, Path]:
     """Build (or reuse) the cached stages and point ``cfg`` at them; returns extra models to evaluate."""
     cache = Path(cfg.run.out_dir).expanduser().resolve() / "cache"
     dirs = build_digits_shards(cache / "digits")
     cfg.data.train_shards, cfg.data.test_shards = str(dirs["train"]), str(dirs["test"])
-    local: RptLocalConfig = cfg.local
-    build_side_by_side({teacher_cache_dir(cache, stage): functools.partial(cached_teacher, cache, stage)
-                        for stage in (local.large, local.teacher)})
-    _, large_dir = cached_teacher(cache, local.large)
-    _, teacher_dir = cached_teacher(cache, local.teacher)
-    cfg.large.timm = dataclasses.replace(local.large.model, checkpoint=str(large_dir / "teacher.safetensors"))
-    cfg.robust_teacher = dataclasses.replace(local.teacher.model, checkpoint=str(teacher_dir / "teacher.safetensors"))
+    stages = (cfg.local.large, cfg.local.teacher)
+    build_side_by_side({teacher_cache_dir(cache, s): functools.partial(cached_teacher, cache, s) for s in stages})
+    _, large_dir = cached_teacher(cache, cfg.local.large)
+    _, teacher_dir = cached_teacher(cache, cfg.local.teacher)
+    cfg.large.timm = dataclasses.replace(cfg.local.large.model, checkpoint=str(large_dir))
+    cfg.robust_teacher = dataclasses.replace(cfg.local.teacher.model, checkpoint=str(teacher_dir))
     return {"large (initial)": large_dir, "robust teacher": teacher_dir}
+
+
+LOCAL = Preset(OVERLAY, schema=RptLocalConfig, prepare=prepare)

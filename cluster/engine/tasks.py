@@ -1,0 +1,164 @@
+"""What a trainer step computes: each task builds its module, computes a micro-batch's loss from the
+stream's batch (numpy columns of the batch schema, placeholder rows already removed) and exports the
+result. The trainer (``cluster.engine.trainer``) owns DeepSpeed, checkpoints and the stream; a task is a
+thin shell over ``robust/`` functions, so one trainer serves the DAD students, RPT's tuned part and the
+robust teacher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cluster.engine import batch as B
+from robust.losses.objectives import ObjectiveConfig, objective
+from robust.models.timm_models import TimmConfig, build_timm, export_timm
+from robust.pixmix import load_mixing_set
+from robust.rpt.baselines import METHODS, build_method, method_loss_config
+from robust.rpt.export import export_rpt
+from robust.rpt.losses import RptLossConfig, rpt_loss
+from robust.rpt.partial import PartialConfig
+from robust.rpt.select import SelectConfig
+from robust.seeding import combine, seed_everything
+from robust.teacher_train import RobustTeacherConfig, check_augmentations, robust_teacher_loss, teacher_batch
+
+Forward = Callable[[Tensor], Tensor | dict[str, Tensor]]  # the DeepSpeed engine's forward (dtype handled)
+Terms = dict[str, Tensor]  # batch-mean loss terms for metrics.jsonl
+
+
+class StudentTask(Protocol):
+    needs: tuple[str, ...]  # the batch columns the loss reads
+
+    def build(self) -> nn.Module:
+        """The module DeepSpeed trains (its parameters with requires_grad reach the optimizer)."""
+
+    def loss(self, forward: Forward, rows: dict[str, np.ndarray], *, device: torch.device) -> tuple[Tensor, Terms]:
+        """The micro-batch's loss through ``forward`` (the engine), and its terms."""
+
+    def export(self, module: nn.Module, out_dir: str | Path) -> None:
+        """Write the trained ``module`` (full weights, gathered on rank 0) for evaluation."""
+
+
+OBJECTIVE_NEEDS = {"ce": (), "kd": (B.TEACHER_LOGITS,),
+                   "dad_online": (B.TEACHER_LOGITS, B.DAD_IMAGE, B.DAD_TEACHER_LOGITS),
+                   "dad_offline": (B.TEACHER_LOGITS, B.DAD_IMAGE, B.DAD_TEACHER_LOGITS)}
+
+
+@dataclass
+class DistillTask:
+    """A timm student trained with one of robust.losses.objectives' losses (CE, KD, DAD online/offline)."""
+
+    student: TimmConfig
+    kind: str
+    objective: ObjectiveConfig
+    data_config: dict = field(default_factory=dict)  # the export's preprocessing (robust.eval.sets.timm_data_config)
+    needs: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in OBJECTIVE_NEEDS:
+            raise ValueError(f"objective kind {self.kind!r} is unknown; use one of {sorted(OBJECTIVE_NEEDS)}")
+        self.needs = (B.IMAGE, *OBJECTIVE_NEEDS[self.kind])
+
+    def build(self) -> nn.Module:
+        return build_timm(self.student)
+
+    def loss(self, forward: Forward, rows: dict[str, np.ndarray], *, device: torch.device) -> tuple[Tensor, Terms]:
+        x = B.images(rows[B.IMAGE], device)
+        has_adv = B.DAD_IMAGE in self.needs
+        s_all = forward(torch.cat([x, B.images(rows[B.DAD_IMAGE], device)]) if has_adv else x).float()
+        s, s_adv = (s_all[: len(x)], s_all[len(x):]) if has_adv else (s_all, None)
+        logits = {name: B.tensor(rows, col, device) for name, col in
+                  (("teacher_logits", B.TEACHER_LOGITS), ("teacher_adv_logits", B.DAD_TEACHER_LOGITS)) if col in self.needs}
+        return objective(self.kind, self.objective, student_logits=s, y=B.targets(rows, device), student_adv_logits=s_adv, **logits)
+
+    def export(self, module: nn.Module, out_dir: str | Path) -> None:
+        export_timm(module, self.student, out_dir, data_config=self.data_config)
+
+
+@dataclass
+class RptTask:
+    """RPT or one of its baselines (robust.rpt.baselines.METHODS): DeepSpeed trains the tuned part and
+    the heads; the frozen backbone M_b runs outside the engine (no optimizer state), or not at all when
+    the batches carry its cached features."""
+
+    method: str
+    partial: PartialConfig
+    loss_cfg: RptLossConfig
+    select: SelectConfig  # eq. 6 at test time, recorded in the export
+    cached: bool  # the batches carry M_b's features instead of images
+    needs: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"RPT method {self.method!r} is unknown; use one of {sorted(METHODS)}")
+        inputs = (B.FEATS, B.AUG_FEATS) if self.cached else (B.IMAGE, B.AUG_IMAGE)
+        self.needs = (*inputs[: self.views], B.TEACHER_LOGITS, B.AUG_TEACHER_LOGITS)
+
+    @property
+    def views(self) -> int:
+        return 2 if METHODS[self.method].augmented else 1  # linear probe, full FT and VPT: clean only
+
+    def build(self) -> nn.Module:
+        self._student = build_method(self.method, self.partial)
+        return self._student.tuned
+
+    def loss(self, forward: Forward, rows: dict[str, np.ndarray], *, device: torch.device) -> tuple[Tensor, Terms]:
+        views = self.views
+        if self.cached:
+            feats_B = torch.cat([B.tensor(rows, B.FEATS, device), B.tensor(rows, B.AUG_FEATS, device)][:views])
+        else:  # M_b in eval mode without autograd (robust.rpt.partial.FrozenBackbone)
+            backbone = self._student.backbone.to(device)
+            feats_B = backbone(torch.cat([B.images(rows[B.IMAGE], device), B.images(rows[B.AUG_IMAGE], device)][:views]))
+        logits = {head: s.float() for head, s in forward(feats_B).items()}
+        n = len(rows[B.LABEL])
+        y = B.tensor(rows, B.LABEL, device).repeat(views)
+        init = B.tensor(rows, B.TEACHER_LOGITS, device).float()
+        robust = B.tensor(rows, B.AUG_TEACHER_LOGITS, device).float()
+        # each teacher's rows are the samples it teaches (eq. 3: clean, eq. 4: augmented); the rest are unread
+        loss, sums = rpt_loss(logits, y, is_aug_B=torch.arange(n * views, device=device) >= n,
+                              t_init_logits=torch.cat([init, torch.zeros_like(init)])[: n * views],
+                              t_robust_logits=torch.cat([torch.zeros_like(robust), robust])[: n * views],
+                              cfg=method_loss_config(self.method, self.loss_cfg))
+        return loss, {k: v / sums["n"] for k, v in sums.items() if k != "n" and not k.startswith("n_")}
+
+    def export(self, module: nn.Module, out_dir: str | Path) -> None:
+        if module is not self._student.tuned:
+            raise RuntimeError("RptTask.export expects the module its build() returned")
+        export_rpt(self._student, out_dir, method=self.method, cfg=self.partial, select=self.select)
+
+
+@dataclass
+class RobustTeacherTask:
+    """The small robust teacher (SPEC 6): a timm model on AugMix (+ JSD) / PixMix views made on the worker
+    (``robust.teacher_train.teacher_batch``); DeepAugment copies arrive as extra samples in the stream."""
+
+    train: RobustTeacherConfig  # the model, its augmentations and their configs
+    data_config: dict = field(default_factory=dict)  # the export's preprocessing (robust.eval.sets.timm_data_config)
+    needs: tuple[str, ...] = (B.IMAGE,)
+
+    def build(self) -> nn.Module:
+        check_augmentations(self.train)
+        self._mixing = None
+        return build_timm(self.train.model)
+
+    def loss(self, forward: Forward, rows: dict[str, np.ndarray], *, device: torch.device) -> tuple[Tensor, Terms]:
+        x_NHWC = np.ascontiguousarray(rows[B.IMAGE])
+        if "pixmix" in self.train.augmentations and self._mixing is None:  # the bank, once, at the data's size
+            self._mixing = load_mixing_set(self.train.pixmix.mixing, size=x_NHWC.shape[1:3])
+        # the views are drawn from the batch's seeds: AugMix from the global generators, PixMix from its own
+        seed = combine(rows[B.SEED])
+        seed_everything(seed)
+        generator = torch.Generator().manual_seed(seed)
+        batch = teacher_batch(x_NHWC, rows[B.LABEL], self.train, mixing_M3HW=self._mixing, generator=generator)
+        loss = robust_teacher_loss(lambda x: forward(x.to(device)).float(), {**batch, "label": batch["label"].to(device)},
+                                   self.train)
+        return loss, {"loss": loss.detach()}
+
+    def export(self, module: nn.Module, out_dir: str | Path) -> None:
+        export_timm(module, self.train.model, out_dir, data_config=self.data_config)

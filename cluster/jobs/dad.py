@@ -1,0 +1,171 @@
+"""The DAD job (seed 000): one student per method through the same pools, evaluated and reported.
+
+    read tasks (decode, the student's augmentation) -> teacher pool (teacher logits; DAD samples) -> students
+
+``ce`` trains on the augmented images alone (no teacher pool), ``kd`` adds the teacher's logits,
+``dad`` adds the discrete adversarial samples and the teacher's logits on them; ``dad.mode=offline``
+generates those once into shards and trains every epoch from them. With ``run.seeds`` every method is
+trained once per seed and the report adds the paired study.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cluster.engine import batch as B
+from cluster.engine.deepspeed_config import OptimConfig
+from cluster.engine.evaluate import EvalConfig, check_eval, evaluate_models, held_out_set
+from cluster.engine.pools import PoolsConfig
+from cluster.engine.prepare import Augment
+from cluster.engine.ray_cluster import RayConfig
+from cluster.engine.runner import (
+    DataConfig, RunConfig, Trained, begin_training, check_classes, check_data, check_methods, check_run, report_seeds,
+    run_dir, seed_dir, seeds, train,
+)  # fmt: skip
+from cluster.engine.streams import (
+    ResumePoint, count_samples, generate_once, generated_stream, sample_stream, write_generated,
+)  # fmt: skip
+from cluster.engine.tasks import DistillTask
+from cluster.engine.teacher_pool import through_pool
+from robust.attacks.dad import DADConfig
+from robust.attacks.pgd import check_pgd_config
+from robust.distill import TeacherConfig, build_teacher, teacher_targets
+from robust.losses.objectives import ObjectiveConfig
+from robust.models.timm_models import TimmConfig
+from robust.eval.sets import timm_data_config
+from robust.models.precision import check_precision
+from robust.models.vqgan import VQGANConfig, build_vqgan
+from robust.seeding import combine, generator
+from robust.train_transforms import TrainAugConfig, check_train_aug, to_uint8
+
+METHODS = ("ce", "kd", "dad")
+MODES = ("online", "offline")
+DAD_COLUMNS = [B.IMAGE, B.TEACHER_LOGITS, B.DAD_IMAGE, B.DAD_TEACHER_LOGITS]
+
+
+@dataclass
+class DadSection(DADConfig):
+    mode: str = "online"  # online: fresh DAD samples every epoch; offline: generate once, train from shards
+
+
+@dataclass
+class DadRunConfig(RunConfig):
+    name: str = "dad-imagenet"
+    methods: list[str] = field(default_factory=lambda: ["dad"])
+
+
+@dataclass
+class DadConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
+    dad: DadSection = field(default_factory=DadSection)
+    augment: TrainAugConfig = field(default_factory=TrainAugConfig)
+    student: TimmConfig = field(default_factory=lambda: TimmConfig(name="vit_base_patch16_224", num_classes=1000))
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pools: PoolsConfig = field(default_factory=PoolsConfig)
+    run: DadRunConfig = field(default_factory=DadRunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class DistillProducer:
+    """The teacher pool's work: the teacher's logits on each image; with a VQGAN, DAD samples too."""
+
+    teacher: TeacherConfig
+    vqgan: VQGANConfig | None
+    dad: DADConfig
+
+    def build(self, device: torch.device) -> tuple[Any, Any]:
+        return build_teacher(self.teacher, device=device), (
+            build_vqgan(self.vqgan, device=device) if self.vqgan is not None else None)
+
+    def produce(self, models: tuple[Any, Any], batch: dict[str, np.ndarray], *, device: torch.device) -> dict:
+        teacher, vqgan = models
+        # a batch's random starts come from its samples' seeds: a redone batch is the same batch
+        out = teacher_targets(teacher, B.images(batch[B.IMAGE], device), B.targets(batch, device),
+                              precision=self.teacher.precision, vqgan=vqgan, dad=self.dad,
+                              generator=generator(combine(batch[B.SEED]), device))
+        columns = {B.TEACHER_LOGITS: out["teacher_logits"]}
+        if vqgan is not None:
+            columns |= {B.DAD_IMAGE: to_uint8(out["dad_image"]).permute(0, 2, 3, 1),
+                        B.DAD_TEACHER_LOGITS: out["dad_teacher_logits"]}
+        return columns
+
+
+def check(cfg: DadConfig) -> int:
+    """Everything that can be checked before Ray starts; returns the number of classes."""
+    manifest = check_data(cfg.data, what="DAD")
+    check_run(cfg.run)
+    check_methods(cfg.run.methods, METHODS)
+    if cfg.dad.mode not in MODES:
+        raise ValueError(f"dad.mode must be one of {MODES}, got {cfg.dad.mode!r}")
+    check_pgd_config(cfg.dad)
+    check_precision(cfg.teacher.precision)
+    check_train_aug(cfg.augment)
+    check_eval(cfg.eval, cfg.data.test_shards)
+    return check_classes(manifest.num_classes, student=cfg.student.num_classes, teacher=cfg.teacher.num_classes)
+
+
+def batch_bytes(cfg: DadConfig, classes: int, method: str) -> int:
+    image, logits = (cfg.augment.crop_size, cfg.augment.crop_size, 3), (classes,)
+    row = {B.IMAGE: image, B.TARGET: logits, B.TEACHER_LOGITS: logits}
+    if method == "dad":
+        row |= {B.DAD_IMAGE: image, B.DAD_TEACHER_LOGITS: logits}
+    return cfg.pools.teacher.batch_size * B.nbytes(row)
+
+
+def stream(cfg: DadConfig, method: str, seed: int, classes: int, resume: Any) -> Any:
+    """The batches ``method`` trains on: augmented samples, through the teacher pool unless CE."""
+    augment = Augment(cfg.augment, classes)
+
+    def samples(epochs: int):
+        return sample_stream(cfg.data.train_shards, augment, epochs=epochs, seed=seed, num_classes=classes,
+                             batch_size=cfg.pools.teacher.batch_size, resume=resume if epochs > 1 else None)
+
+    producer = DistillProducer(cfg.teacher, cfg.vqgan if method == "dad" else None, cfg.dad)
+    if method == "ce":
+        return samples(cfg.run.epochs)
+    if method == "kd" or cfg.dad.mode == "online":
+        return through_pool(samples(cfg.run.epochs), producer, cfg.pools.teacher)
+    shards = seed_dir(cfg.run, seed) / "dad_shards"  # generated once per seed, reused by restarts
+    columns = DAD_COLUMNS + ([B.TARGET] if cfg.augment.soft_targets else [])
+    generate_once(shards, lambda: write_generated(through_pool(samples(1), producer, cfg.pools.teacher), shards,
+                                                  columns=columns, total=count_samples(cfg.data.train_shards),
+                                                  desc="offline DAD",
+                                                  num_classes=classes))
+    return generated_stream(shards, columns=columns, epochs=cfg.run.epochs, seed=seed,
+                            batch_size=cfg.pools.teacher.batch_size, resume=resume)
+
+
+KINDS = {"ce": "ce", "kd": "kd"}  # dad: dad_online / dad_offline by dad.mode
+
+
+def train_method(cfg: DadConfig, method: str, *, seed: int, classes: int) -> Trained:
+    kind = KINDS.get(method) or f"dad_{cfg.dad.mode}"
+    resume = ResumePoint.remote()
+    suffix = f"-seed{seed}" if cfg.run.seeds else ""
+    task = DistillTask(cfg.student, kind, cfg.objective, timm_data_config(held_out_set(cfg.data.test_shards, cfg.eval)))
+    return train(task, stream(cfg, method, seed, classes, resume),
+                 seed_dir(cfg.run, seed) / method, name=f"{cfg.run.name}-{method}{suffix}", run=cfg.run, seed=seed,
+                 data=cfg.data, pools=cfg.pools, optim=cfg.optim, total=count_samples(cfg.data.train_shards),
+                 batch_bytes=batch_bytes(cfg, classes, method), resume=resume)
+
+
+def run(cfg: DadConfig, *, extra_models: dict[str, Path] | None = None) -> dict:
+    """Train every method's student (per seed), evaluate them and ``extra_models``, write the report."""
+    classes = check(cfg)
+    begin_training(cfg, cfg.pools, cfg.ray, cfg.run, teacher_pool=set(cfg.run.methods) != {"ce"})
+    reports = {}
+    for seed in seeds(cfg.run):
+        trained = {m: train_method(cfg, m, seed=seed, classes=classes) for m in cfg.run.methods}
+        reports[seed] = evaluate_models(trained, cfg.data.test_shards, cfg.eval, pools=cfg.pools.teacher,
+                                        out_dir=seed_dir(cfg.run, seed), extra=extra_models or {})
+    return report_seeds(reports, run_dir(cfg.run))

@@ -1,9 +1,11 @@
-"""Shared fixtures: a small real Ray cluster and small digits shards (one corrupt sample)."""
+"""Shared fixtures: a real multi-node Ray cluster on this machine, and small digits shards (one corrupt sample)."""
 
 from __future__ import annotations
 
 import io
 import os
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -11,19 +13,67 @@ from PIL import Image
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller polls its workers every 2 s by default; on these short runs that is most of a
+# transition (start, checkpoint registration, finish). The product keeps Ray's default.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 N_SMALL = 192  # digits in the small training shard set
+STORE = 150 * 2**20  # object store bytes of each node
+
+
+@dataclass
+class LocalCluster:
+    """``ray.cluster_utils.Cluster``: a head (the driver, read tasks) plus teacher nodes (the "teacher"
+    resource) and student nodes (the "student" resource), each its own raylet and object store."""
+
+    cluster: object
+    teachers: list = field(default_factory=list)
+    students: list = field(default_factory=list)
+
+    def add(self, kind: str):
+        cpus = 2 if kind == "teacher" else 1
+        node = self.cluster.add_node(num_cpus=cpus, resources={kind: 1}, object_store_memory=STORE)
+        (self.teachers if kind == "teacher" else self.students).append(node)
+        self.cluster.wait_for_nodes()
+        return node
+
+    def remove(self, node) -> None:
+        """Kill the node's raylet (as a preempted or crashed node goes) and wait until the GCS says it is dead."""
+        import ray
+
+        self.cluster.remove_node(node, allow_graceful=False)
+        for nodes in (self.teachers, self.students):
+            if node in nodes:
+                nodes.remove(node)
+        deadline = time.monotonic() + 60
+        while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
+            assert time.monotonic() < deadline, "the removed node is still alive in the GCS"
+            time.sleep(0.2)
+
+    def restore(self) -> None:
+        """Back to two nodes of each pool (after a test removed some)."""
+        for kind, nodes in (("teacher", self.teachers), ("student", self.students)):
+            while len(nodes) < 2:
+                self.add(kind)
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray cluster for the session: 4 logical CPUs, 2 teacher and 2 student slots."""
+def ray_cluster():
+    """One cluster for the session: a head with 2 CPUs, 2 teacher nodes (2 CPUs each), 2 student nodes."""
     import ray
+    from ray.cluster_utils import Cluster
 
-    ray.init(address="local", num_cpus=4, resources={"teacher": 2, "student": 2}, object_store_memory=400 * 2**20,
-             include_dashboard=False, log_to_driver=False)
-    yield ray
+    # The GCS declares a node dead after 3 missed health checks of 1 s (Ray's default: 5 of 3 s), so a removed
+    # node stops receiving work in seconds, as a cluster tuned for preemptible nodes would.
+    fast_failure = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3, "health_check_timeout_ms": 1000}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": STORE,
+                                                            "include_dashboard": True, "_system_config": fast_failure})
+    handle = LocalCluster(cluster)
+    handle.restore()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield handle
     ray.shutdown()
+    cluster.shutdown()
 
 
 def _png(x_HWC: np.ndarray) -> bytes:
@@ -49,3 +99,28 @@ def small_shards(tmp_path_factory):
     write_shards(test, root / "test", prefix="test", max_per_shard=50, num_classes=10)
     return {"train": root / "train", "train_fine": root / "train_fine", "test": root / "test",
             "keys": [s["__key__"] for s in samples]}
+
+
+TINY_CLIP = {  # a CLIP architecture small enough for a test: ViT 2 x 32 wide at 32 px, text 2 x 32
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """``local-dir:<folder>`` of a random-weight tiny CLIP (open_clip's own folder format: config + weights),
+    so that every process (teacher actors included) builds the same model; nothing is downloaded."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{folder}")
+    save_file(model.state_dict(), folder / "open_clip_model.safetensors")
+    return f"local-dir:{folder}"

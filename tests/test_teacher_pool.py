@@ -1,69 +1,139 @@
-"""The teacher pool on a real local Ray cluster: batch contents, and exactly-once under actor death."""
+"""The teacher pool on a real Ray cluster: what a DAD batch holds (timm and CLIP teachers), exactly-once
+delivery when an actor process is killed from outside, and producers that draw from the batch only."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
+import pytest
+import ray
 import timm
 import torch
+from ray.util.state import list_actors
 from safetensors.torch import save_file
 
-from cluster.config import TeacherPoolConfig
-from cluster.pipeline import read_raw
-from cluster.teacher_pool import AugmentConfig, TeacherConfig, TeacherJob, build_teacher, teacher_stream
+from cluster.engine import batch as B
+from cluster.engine.pools import TeacherPoolConfig
+from cluster.engine.prepare import Augment
+from cluster.engine.streams import sample_stream
+from cluster.engine.teacher_pool import through_pool
+from cluster.jobs.dad import DistillProducer
+from cluster.jobs.robust_teacher import DeepAugmentProducer
 from robust.attacks.dad import DADConfig
+from robust.deepaugment import DeepAugConfig, build_autoencoder
+from robust.distill import TeacherConfig, build_teacher
+from robust.models.clip_teacher import ClipTeacherConfig
 from robust.models.timm_models import TimmConfig
 from robust.models.vqgan import VQGAN_PRESETS, VQGANConfig
+from robust.teacher_train import RobustTeacherConfig
+from robust.train_transforms import TrainAugConfig
 
-TEACHER = TeacherConfig(kind="timm", timm=TimmConfig(name="test_resnet", num_classes=10))
 TINY_VQ = VQGANConfig(**{**VQGAN_PRESETS["digits32_f4_128"], "n_embed": 16})
-
-
-def _job(mode: str) -> TeacherJob:
-    return TeacherJob(mode=mode, teacher=TEACHER, vqgan=TINY_VQ, dad=DADConfig(eps=1.0, alpha=1.0),
-                      augment=AugmentConfig(crop_size=32, scale=[0.7, 1.0], hflip=False))
+CROP = TrainAugConfig(crop_size=32, scale=[0.7, 1.0], ratio=[0.9, 1.1], hflip=0.0, interpolation="bilinear",
+                      auto_augment="", color_jitter=0.0, re_prob=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
+DAD = DADConfig(eps=1.0, alpha=1.0)
 
 
 def _pool(n: int, batch: int) -> TeacherPoolConfig:
     return TeacherPoolConfig(min_actors=n, max_actors=n, gpus_per_actor=0, cpus_per_actor=1, batch_size=batch)
 
 
-def test_dad_batches_hold_what_the_student_needs(ray_local, small_shards, tmp_path):
+def _stream(source, producer, *, actors: int = 1, batch: int = 32, aug: TrainAugConfig = CROP):
+    return through_pool(sample_stream(str(source), Augment(aug, 10), epochs=1, seed=0, batch_size=batch,
+                                      num_classes=10, shuffle=False), producer, _pool(actors, batch))
+
+
+def _check_dad_batch(batch: dict, teacher: TeacherConfig, classes: int) -> None:
+    B.validate(batch, needs=[B.IMAGE, B.TEACHER_LOGITS, B.DAD_IMAGE, B.DAD_TEACHER_LOGITS])
+    n = len(batch[B.KEY])
+    assert batch[B.TEACHER_LOGITS].shape == (n, classes)
+    assert np.abs(batch[B.DAD_IMAGE].astype(int) - batch[B.IMAGE].astype(int)).mean() > 1  # Q + attack moved it
+    # The teacher scored exactly the uint8 pixels the student will see, clean and DAD.
+    model = build_teacher(teacher, device=torch.device("cpu"))
+    for image, logits in ((B.IMAGE, B.TEACHER_LOGITS), (B.DAD_IMAGE, B.DAD_TEACHER_LOGITS)):
+        with torch.no_grad():
+            expected = model(B.images(batch[image], "cpu"))
+        torch.testing.assert_close(torch.from_numpy(batch[logits]).float(), expected, atol=2e-2, rtol=1e-2)
+
+
+def test_dad_batches_hold_what_the_students_need(ray_cluster, small_shards, tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "teacher.safetensors"
     save_file(timm.create_model("test_resnet", num_classes=10).state_dict(), weights)
-    job = _job("dad")
-    job.teacher = TeacherConfig(kind="timm", timm=TimmConfig(name="test_resnet", num_classes=10, checkpoint=str(weights)))
-    stream = teacher_stream(read_raw(str(small_shards["train"]), shuffle=False), job, _pool(1, 32))
-    batch = next(iter(stream.iter_batches(batch_size=None)))
-    b = len(batch["key"])
-    assert batch["image"].shape == (b, 32, 32, 3) and batch["image"].dtype == np.uint8
-    assert batch["dad_image"].shape == (b, 32, 32, 3) and batch["dad_image"].dtype == np.uint8
-    assert batch["teacher_logits"].dtype == np.float16 and batch["teacher_logits"].shape == (b, 10)
-    assert np.abs(batch["dad_image"].astype(int) - batch["image"].astype(int)).mean() > 1  # Q + attack moved it
-    # The teacher scored exactly the uint8 pixels the student will see, clean and DAD.
-    teacher = build_teacher(job.teacher, device=torch.device("cpu"))
-    for image, logits in (("image", "teacher_logits"), ("dad_image", "dad_teacher_logits")):
-        x = torch.from_numpy(np.array(batch[image])).permute(0, 3, 1, 2).float() / 255
-        with torch.no_grad():
-            expected = teacher(x)
-        torch.testing.assert_close(torch.from_numpy(np.array(batch[logits])).float(), expected, atol=2e-2, rtol=1e-2)
+    teacher = TeacherConfig(kind="timm", timm=TimmConfig(name="test_resnet", num_classes=10, checkpoint=str(weights)))
+    batch = next(iter(_stream(small_shards["train"], DistillProducer(teacher, TINY_VQ, DAD)).iter_batches(batch_size=None)))
+    _check_dad_batch(batch, teacher, 10)
 
 
-def test_killed_teacher_actor_loses_and_duplicates_nothing(ray_local, small_shards):
-    # One read task per shard: 25 shards give 25 DAD tasks, of which an actor holds at most 2 in flight
-    # (Ray Data's default), so the kill at the first output leaves work in flight and work not started.
-    stream = teacher_stream(read_raw(str(small_shards["train_fine"]), shuffle=False), _job("dad"), _pool(2, 8))
-    keys, pids_after_kill, killed = [], set(), None
+def test_the_clip_teacher_serves_dad_batches(ray_cluster, small_shards, tiny_clip, tmp_path):
+    clip = ClipTeacherConfig(arch=tiny_clip, pretrained="", class_names=[f"digit {i}" for i in range(10)],
+                             templates=["a photo of the number {}."], cache_dir=str(tmp_path / "clip"))
+    teacher = TeacherConfig(kind="clip", clip=clip)
+    batch = next(iter(_stream(small_shards["train"], DistillProducer(teacher, TINY_VQ, DAD)).iter_batches(batch_size=None)))
+    _check_dad_batch(batch, teacher, 10)
+    assert any(tmp_path.glob("clip/*.safetensors"))  # the actor cached the class embeddings
+
+
+def _teacher_actor_pids() -> list[int]:
+    gcs = ray.get_runtime_context().gcs_address
+    actors = list_actors(address=gcs, filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)
+    return [a.pid for a in actors if "teacher" in (a.required_resources or {}) and a.pid]
+
+
+def _a_teacher_actor_pid() -> int:
+    deadline = time.monotonic() + 20  # the state API reports a new actor a moment after it starts
+    while not (pids := _teacher_actor_pids()):
+        assert time.monotonic() < deadline, "no live teacher actor in Ray's state API"
+        time.sleep(0.5)
+    return pids[0]
+
+
+def test_a_killed_teacher_actor_loses_and_duplicates_nothing(ray_cluster, small_shards):
+    # 25 shards, 25 DAD tasks of 8: the kill at the first output leaves work in flight and work not started.
+    teacher = TeacherConfig(kind="timm", timm=TimmConfig(name="test_resnet", num_classes=10))
+    stream = _stream(small_shards["train_fine"], DistillProducer(teacher, TINY_VQ, DAD), actors=2, batch=8)
+    keys, killed = [], None
     for batch in stream.iter_batches(batch_size=None):
-        keys += batch["key"].tolist()
-        if killed is None:  # an actor dies mid-epoch, with batches in flight
-            killed = int(batch["teacher_pid"][0])
+        keys += batch[B.KEY].tolist()
+        if killed is None:  # an actor process dies from outside, with batches in flight
+            killed = _a_teacher_actor_pid()
             os.kill(killed, signal.SIGKILL)
-        else:
-            pids_after_kill |= set(batch["teacher_pid"].tolist())
+    assert killed is not None
     assert len(keys) == len(set(keys)), "a sample was delivered twice"
     assert sorted(keys) == sorted(small_shards["keys"]), "a sample was lost"
-    assert pids_after_kill - {killed}, "no batch came from a surviving or restarted actor after the kill"
+    deadline = time.monotonic() + 60  # the pool is back to two live actors, none of them the killed one
+    while killed in _teacher_actor_pids() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert killed not in _teacher_actor_pids()
+
+
+def test_deepaugment_draws_its_networks_from_the_batch_not_the_actor():
+    # Every DeepAugment actor used the same seed, so the first batch of every actor went through the same
+    # perturbed networks. Now a batch's networks come from its samples' seeds: the same batch gives the
+    # same copies whichever actor (or call order) makes it, and other batches other networks.
+    train = RobustTeacherConfig(deepaugment=DeepAugConfig(images_per_copy=4))
+    producer = DeepAugmentProducer(build_autoencoder(train.deepaugment).state_dict(), train)
+    x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+
+    def batch(seeds):
+        return {B.KEY: np.array([f"k{i}" for i in range(8)]), B.EPOCH: np.zeros(8, np.int64), B.IMAGE: x,
+                B.SEED: np.asarray(seeds, np.int64)}
+
+    first_actor, second_actor = producer.build("cpu"), producer.build("cpu")
+    a = producer.produce(first_actor, batch(range(8)), device="cpu")[B.IMAGE]
+    producer.produce(second_actor, batch(range(100, 108)), device="cpu")  # another batch first on this actor
+    b = producer.produce(second_actor, batch(range(8)), device="cpu")[B.IMAGE]
+    c = producer.produce(first_actor, batch(range(8, 16)), device="cpu")[B.IMAGE]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # the same pixels, other seeds: other perturbed networks
+    keys = producer.produce(first_actor, {**batch(range(8)), B.EPOCH: np.ones(8, np.int64)}, device="cpu")[B.KEY]
+    assert keys[0] == "da1-k0"  # copy c of a sample is named by its epoch
+
+
+@pytest.fixture(autouse=True)
+def _cluster_whole(ray_cluster):
+    yield
+    ray_cluster.restore()

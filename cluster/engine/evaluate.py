@@ -146,6 +146,7 @@ def evaluate_models(trained: Mapping[str, Trained], test_shards: str, cfg: EvalC
     specs = [parse_model(f"{name}={path}", clip=ZeroShotConfig()) for name, path in models.items()]
     report = evaluate_report(specs, [build_eval_set(test)], cfg, pools=pools, clip=ZeroShotConfig())
     for name, t in trained.items():
-        report["models"][name] |= {"startup_s": t.startup_s, "train_s": t.train_s, "train_samples": t.train_samples}
+        report["models"][name] |= {"startup_s": t.startup_s, "train_s": t.train_s, "pass_s": t.pass_s,
+                                   "train_samples": t.train_samples}
     write_report(report, out_dir)
     return report

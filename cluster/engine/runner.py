@@ -144,23 +144,26 @@ class Trained:
 
     path: Path
     startup_s: float  # the one-time start: worker group, DeepSpeed, pools, the first batch
-    train_s: float
+    train_s: float  # the model's own training steps
+    pass_s: float  # the whole pass it was trained in (with the other students of the pass, and waits for data)
     train_samples: int
 
 
-def train(task: StudentTask, stream: ray.data.Dataset, out: Path, *, name: str, run: RunConfig, seed: int,
-          data: DataConfig, pools: PoolsConfig, optim: OptimConfig, total: int, batch_bytes: int,
-          resume: ray.actor.ActorHandle) -> Trained:
-    """Train ``task`` on ``stream`` into ``out`` (export, metrics.jsonl); a finished one is not retrained."""
-    if (out / DONE).is_file():
-        return Trained(out, **json.loads((out / DONE).read_text()))
-    limit = check_in_flight(data, batch_bytes=batch_bytes)
-    job = TrainJob(task=task, optim=optim, epochs=run.epochs, steps_per_epoch=steps_per_epoch(total, pools, optim),
-                   run_dir=str(out), seed=seed, checkpoint_every=run.checkpoint_every, log_every=run.log_every,
-                   log_keys=run.log_keys, resume=resume, started_at=time.time())
-    fit(job, stream, pools.student, name=name, storage_path=run.storage_path or str(run_dir(run) / "ray"),
-        execution=execution_options(limit, preserve_order=data.preserve_order), max_failures=run.max_failures)
-    return Trained(out, **json.loads((out / DONE).read_text()))
+def train(tasks: dict[str, StudentTask], stream: ray.data.Dataset, out: Path, *, name: str, run: RunConfig,
+          seed: int, data: DataConfig, pools: PoolsConfig, optim: OptimConfig, total: int, batch_bytes: int,
+          resume: ray.actor.ActorHandle) -> dict[str, Trained]:
+    """Train ``tasks`` in one pass over ``stream``, each into ``out/<task>`` (export, metrics.jsonl); a pass
+    whose models are all finished (``done.json``) is not run again."""
+    if not all((out / t / DONE).is_file() for t in tasks):
+        limit = check_in_flight(data, batch_bytes=batch_bytes)
+        job = TrainJob(tasks=tasks, optim=optim, epochs=run.epochs, steps_per_epoch=steps_per_epoch(total, pools, optim),
+                       run_dir=str(out), seed=seed, checkpoint_every=run.checkpoint_every, log_every=run.log_every,
+                       log_keys=run.log_keys, resume=resume, started_at=time.time())
+        # the Ray Train run is named by its students, so a rerun with other methods never resumes another pass
+        fit(job, stream, pools.student, name=f"{name}-{'+'.join(tasks)}",
+            storage_path=run.storage_path or str(run_dir(run) / "ray"),
+            execution=execution_options(limit, preserve_order=data.preserve_order), max_failures=run.max_failures)
+    return {t: Trained(out / t, **json.loads((out / t / DONE).read_text())) for t in tasks}
 
 
 def report_seeds(reports: dict[int, dict], out: Path) -> dict:

@@ -42,7 +42,7 @@ class StudentTask(Protocol):
         """The micro-batch's loss through ``forward`` (the engine), and its terms."""
 
     def export(self, module: nn.Module, out_dir: str | Path) -> None:
-        """Write the trained ``module`` (full weights, gathered on rank 0) for evaluation."""
+        """Write the trained ``module`` (the latest ``build()``, holding the full trained weights) for evaluation."""
 
 
 OBJECTIVE_NEEDS = {"ce": (), "kd": (B.TEACHER_LOGITS,),

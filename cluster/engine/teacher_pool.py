@@ -18,6 +18,7 @@ import torch
 
 from cluster.engine import batch as B
 from cluster.engine.pools import TEACHER_RESOURCE, ActorPoolConfig, TeacherPoolConfig
+from robust.seeding import seed_everything
 
 
 class Producer(Protocol):
@@ -38,6 +39,7 @@ class TeacherActor:
 
     def __init__(self, producer: Producer) -> None:
         self.producer, self.device = producer, actor_device()
+        seed_everything(0)  # a model built without weights (random init) is the same in every actor
         self.models = producer.build(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

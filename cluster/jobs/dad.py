@@ -1,11 +1,13 @@
-"""The DAD job (seed 000): one student per method through the same pools, evaluated and reported.
+"""The DAD job (seed 000): one student per method, trained together in one pass, evaluated and reported.
 
     read tasks (decode, the student's augmentation) -> teacher pool (teacher logits; DAD samples) -> students
 
-``ce`` trains on the augmented images alone (no teacher pool), ``kd`` adds the teacher's logits,
-``dad`` adds the discrete adversarial samples and the teacher's logits on them; ``dad.mode=offline``
-generates those once into shards and trains every epoch from them. With ``run.seeds`` every method is
-trained once per seed and the report adds the paired study.
+``ce`` trains on the augmented images alone, ``kd`` adds the teacher's logits, ``dad`` adds the discrete
+adversarial samples and the teacher's logits on them. The students of a run share one stream, so they
+see the same batches in the same order (paired) and the teacher pool works once for all of them; a run
+of CE alone needs no teacher pool. ``dad.mode=offline`` generates the DAD samples once into shards and
+trains every epoch from them. With ``run.seeds`` the pass runs once per seed and the report adds the
+paired study.
 """
 
 from __future__ import annotations
@@ -114,49 +116,51 @@ def check(cfg: DadConfig) -> int:
     return check_classes(manifest.num_classes, student=cfg.student.num_classes, teacher=cfg.teacher.num_classes)
 
 
-def batch_bytes(cfg: DadConfig, classes: int, method: str) -> int:
+def batch_bytes(cfg: DadConfig, classes: int) -> int:
     image, logits = (cfg.augment.crop_size, cfg.augment.crop_size, 3), (classes,)
     row = {B.IMAGE: image, B.TARGET: logits, B.TEACHER_LOGITS: logits}
-    if method == "dad":
+    if "dad" in cfg.run.methods:
         row |= {B.DAD_IMAGE: image, B.DAD_TEACHER_LOGITS: logits}
     return cfg.pools.teacher.batch_size * B.nbytes(row)
 
 
-def stream(cfg: DadConfig, method: str, seed: int, classes: int, resume: Any) -> Any:
-    """The batches ``method`` trains on: augmented samples, through the teacher pool unless CE."""
-    augment = Augment(cfg.augment, classes)
+def stream(cfg: DadConfig, seed: int, classes: int, resume: Any) -> Any:
+    """The batches every method's student trains on: the augmented samples, through the teacher pool
+    unless every method is CE (with DAD samples when a method is DAD; offline: generated once)."""
+    augment, methods = Augment(cfg.augment, classes), set(cfg.run.methods)
 
     def samples(epochs: int):
         return sample_stream(cfg.data.train_shards, augment, epochs=epochs, seed=seed, num_classes=classes,
                              batch_size=cfg.pools.teacher.batch_size, resume=resume if epochs > 1 else None)
 
-    producer = DistillProducer(cfg.teacher, cfg.vqgan if method == "dad" else None, cfg.dad)
-    if method == "ce":
+    producer = DistillProducer(cfg.teacher, cfg.vqgan if "dad" in methods else None, cfg.dad)
+    if methods == {"ce"}:
         return samples(cfg.run.epochs)
-    if method == "kd" or cfg.dad.mode == "online":
+    if "dad" not in methods or cfg.dad.mode == "online":
         return through_pool(samples(cfg.run.epochs), producer, cfg.pools.teacher)
     shards = seed_dir(cfg.run, seed) / "dad_shards"  # generated once per seed, reused by restarts
     columns = DAD_COLUMNS + ([B.TARGET] if cfg.augment.soft_targets else [])
     generate_once(shards, lambda: write_generated(through_pool(samples(1), producer, cfg.pools.teacher), shards,
                                                   columns=columns, total=count_samples(cfg.data.train_shards),
-                                                  desc="offline DAD",
-                                                  num_classes=classes))
+                                                  desc="offline DAD", num_classes=classes))
     return generated_stream(shards, columns=columns, epochs=cfg.run.epochs, seed=seed,
                             batch_size=cfg.pools.teacher.batch_size, resume=resume)
 
 
-KINDS = {"ce": "ce", "kd": "kd"}  # dad: dad_online / dad_offline by dad.mode
+def kind(cfg: DadConfig, method: str) -> str:
+    """The student loss of ``method`` (robust.losses.objectives)."""
+    return f"dad_{cfg.dad.mode}" if method == "dad" else method
 
 
-def train_method(cfg: DadConfig, method: str, *, seed: int, classes: int) -> Trained:
-    kind = KINDS.get(method) or f"dad_{cfg.dad.mode}"
+def train_students(cfg: DadConfig, *, seed: int, classes: int) -> dict[str, Trained]:
+    """Every method's student in one pass over the stream: the same batches, in the same order."""
     resume = ResumePoint.remote()
+    export = timm_data_config(held_out_set(cfg.data.test_shards, cfg.eval))
+    tasks = {m: DistillTask(cfg.student, kind(cfg, m), cfg.objective, export) for m in cfg.run.methods}
     suffix = f"-seed{seed}" if cfg.run.seeds else ""
-    task = DistillTask(cfg.student, kind, cfg.objective, timm_data_config(held_out_set(cfg.data.test_shards, cfg.eval)))
-    return train(task, stream(cfg, method, seed, classes, resume),
-                 seed_dir(cfg.run, seed) / method, name=f"{cfg.run.name}-{method}{suffix}", run=cfg.run, seed=seed,
-                 data=cfg.data, pools=cfg.pools, optim=cfg.optim, total=count_samples(cfg.data.train_shards),
-                 batch_bytes=batch_bytes(cfg, classes, method), resume=resume)
+    return train(tasks, stream(cfg, seed, classes, resume), seed_dir(cfg.run, seed), name=f"{cfg.run.name}{suffix}",
+                 run=cfg.run, seed=seed, data=cfg.data, pools=cfg.pools, optim=cfg.optim,
+                 total=count_samples(cfg.data.train_shards), batch_bytes=batch_bytes(cfg, classes), resume=resume)
 
 
 def run(cfg: DadConfig, *, extra_models: dict[str, Path] | None = None) -> dict:
@@ -165,7 +169,7 @@ def run(cfg: DadConfig, *, extra_models: dict[str, Path] | None = None) -> dict:
     begin_training(cfg, cfg.pools, cfg.ray, cfg.run, teacher_pool=set(cfg.run.methods) != {"ce"})
     reports = {}
     for seed in seeds(cfg.run):
-        trained = {m: train_method(cfg, m, seed=seed, classes=classes) for m in cfg.run.methods}
+        trained = train_students(cfg, seed=seed, classes=classes)
         reports[seed] = evaluate_models(trained, cfg.data.test_shards, cfg.eval, pools=cfg.pools.teacher,
                                         out_dir=seed_dir(cfg.run, seed), extra=extra_models or {})
     return report_seeds(reports, run_dir(cfg.run))

@@ -113,7 +113,7 @@ def run(cfg: RobustTeacherJobConfig) -> dict:
     begin_training(cfg, cfg.pools, cfg.ray, cfg.run, teacher_pool="deepaugment" in cfg.train.augmentations)
     reports = {}
     for seed in seeds(cfg.run):
-        out = seed_dir(cfg.run, seed)
+        out, suffix = seed_dir(cfg.run, seed), f"-seed{seed}" if cfg.run.seeds else ""
         sources = [cfg.data.train_shards]
         if "deepaugment" in cfg.train.augmentations:
             sources.append(str(deepaugment_shards(cfg, out / "deepaugment", seed=seed, classes=classes)))
@@ -122,11 +122,10 @@ def run(cfg: RobustTeacherJobConfig) -> dict:
                                batch_size=cfg.pools.teacher.batch_size, num_classes=classes, resume=resume)
         image = (cfg.augment.crop_size, cfg.augment.crop_size, 3)
         export = timm_data_config(held_out_set(cfg.data.test_shards, cfg.eval)) if cfg.data.test_shards else {}
-        trained = train(RobustTeacherTask(cfg.train, export), stream, out / "teacher", name=f"{cfg.run.name}-{seed}",
+        trained = train({"teacher": RobustTeacherTask(cfg.train, export)}, stream, out, name=f"{cfg.run.name}{suffix}",
                         run=cfg.run, seed=seed, data=cfg.data, pools=cfg.pools, optim=cfg.optim,
                         total=count_samples(sources), batch_bytes=cfg.pools.teacher.batch_size * B.nbytes({B.IMAGE: image}),
                         resume=resume)
         if cfg.data.test_shards:
-            reports[seed] = evaluate_models({"teacher": trained}, cfg.data.test_shards, cfg.eval,
-                                            pools=cfg.pools.teacher, out_dir=out)
+            reports[seed] = evaluate_models(trained, cfg.data.test_shards, cfg.eval, pools=cfg.pools.teacher, out_dir=out)
     return report_seeds(reports, run_dir(cfg.run)) if reports else {"models": {}}

@@ -10,6 +10,7 @@ and the partially tuned methods train from them for every epoch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,9 +139,17 @@ def _cached(cfg: RptConfig, method: str) -> bool:
     return cfg.run.feature_cache and METHODS[method].student == "partial"
 
 
-def batch_bytes(cfg: RptConfig, classes: int, method: str) -> int:
+def passes(cfg: RptConfig) -> dict[bool, list[str]]:
+    """The trained methods by their stream: the feature cache (partially tuned methods, which share RPT's
+    split) or images; the methods of a stream train together in one pass."""
+    trained = [m for m in cfg.run.methods if m != WISE_FT]
+    groups = {cached: [m for m in trained if _cached(cfg, m) == cached] for cached in (True, False)}
+    return {cached: methods for cached, methods in groups.items() if methods}
+
+
+def batch_bytes(cfg: RptConfig, classes: int, *, cached: bool, method: str) -> int:
     logits = {B.TEACHER_LOGITS: (classes,), B.AUG_TEACHER_LOGITS: (classes,)}
-    if _cached(cfg, method):  # a feature row, measured on the backbone
+    if cached:  # a feature row, measured on the backbone
         student = build_method(method, cfg.large)
         with torch.no_grad():
             feats = tuple(student.backbone(torch.zeros(1, *student.info["input_size"])).shape[1:])
@@ -149,17 +158,17 @@ def batch_bytes(cfg: RptConfig, classes: int, method: str) -> int:
     return cfg.pools.teacher.batch_size * B.nbytes({B.IMAGE: image, B.AUG_IMAGE: image} | logits)
 
 
-def stream(cfg: RptConfig, method: str, seed: int, classes: int, resume: Any) -> Any:
+def stream(cfg: RptConfig, *, cached: bool, method: str, seed: int, classes: int, resume: Any) -> Any:
     augment = RptAugment(Augment(cfg.augment, classes), cfg.augmix)
 
     def samples(epochs: int):
         return sample_stream(cfg.data.train_shards, augment, epochs=epochs, seed=seed, num_classes=classes,
                              batch_size=cfg.pools.teacher.batch_size, resume=resume if epochs > 1 else None)
 
-    if not _cached(cfg, method):
-        return through_pool(samples(cfg.run.epochs), RptProducer(cfg.large, cfg.robust_teacher, method, False, cfg.precision),
-                            cfg.pools.teacher)
-    # Every partially tuned method shares RPT's split, hence one cache per seed (keyed by the backbone's weights).
+    if not cached:
+        return through_pool(samples(cfg.run.epochs), RptProducer(cfg.large, cfg.robust_teacher, method, False,
+                                                                 cfg.precision), cfg.pools.teacher)
+    # one cache per seed, keyed by the backbone's weights and cut
     cache = seed_dir(cfg.run, seed) / "feature_cache" / build_method(method, cfg.large).backbone_key()[:16]
     producer = RptProducer(cfg.large, cfg.robust_teacher, method, True, cfg.precision)
     generate_once(cache, lambda: write_generated(through_pool(samples(1), producer, cfg.pools.teacher), cache,
@@ -169,14 +178,17 @@ def stream(cfg: RptConfig, method: str, seed: int, classes: int, resume: Any) ->
                             batch_size=cfg.pools.teacher.batch_size, resume=resume)
 
 
-def train_method(cfg: RptConfig, method: str, *, seed: int, classes: int) -> Trained:
-    resume = ResumePoint.remote()
+def train_methods(cfg: RptConfig, *, seed: int, classes: int) -> dict[str, Trained]:
     suffix = f"-seed{seed}" if cfg.run.seeds else ""
-    task = RptTask(method, cfg.large, cfg.loss, cfg.select, cached=_cached(cfg, method))
-    return train(task, stream(cfg, method, seed, classes, resume), seed_dir(cfg.run, seed) / method,
-                 name=f"{cfg.run.name}-{method}{suffix}", run=cfg.run, seed=seed, data=cfg.data, pools=cfg.pools,
-                 optim=cfg.optim, total=count_samples(cfg.data.train_shards),
-                 batch_bytes=batch_bytes(cfg, classes, method), resume=resume)
+    trained: dict[str, Trained] = {}
+    for cached, methods in passes(cfg).items():
+        resume = ResumePoint.remote()
+        tasks = {m: RptTask(m, cfg.large, cfg.loss, cfg.select, cached=cached) for m in methods}
+        trained |= train(tasks, stream(cfg, cached=cached, method=methods[0], seed=seed, classes=classes, resume=resume),
+                         seed_dir(cfg.run, seed), name=f"{cfg.run.name}{suffix}", run=cfg.run, seed=seed, data=cfg.data,
+                         pools=cfg.pools, optim=cfg.optim, total=count_samples(cfg.data.train_shards),
+                         batch_bytes=batch_bytes(cfg, classes, cached=cached, method=methods[0]), resume=resume)
+    return trained
 
 
 def wise_ft_models(cfg: RptConfig, finetuned: Trained, out: Path) -> dict[str, Trained]:
@@ -190,7 +202,7 @@ def wise_ft_models(cfg: RptConfig, finetuned: Trained, out: Path) -> dict[str, T
         name = f"{WISE_FT}_{alpha:g}"
         student.load_state_dict(wise_ft(theta_0, theta_ft, alpha))
         export_rpt(student, out / name, method="full_finetune", cfg=cfg.large, select=cfg.select)
-        models[name] = Trained(out / name, finetuned.startup_s, finetuned.train_s, finetuned.train_samples)
+        models[name] = dataclasses.replace(finetuned, path=out / name)
     return models
 
 
@@ -201,7 +213,7 @@ def run(cfg: RptConfig, *, extra_models: dict[str, Path] | None = None) -> dict:
     reports = {}
     for seed in seeds(cfg.run):
         out = seed_dir(cfg.run, seed)
-        trained = {m: train_method(cfg, m, seed=seed, classes=classes) for m in cfg.run.methods if m != WISE_FT}
+        trained = train_methods(cfg, seed=seed, classes=classes)
         if WISE_FT in cfg.run.methods:
             trained |= wise_ft_models(cfg, trained["full_finetune"], out)
         reports[seed] = evaluate_models(trained, cfg.data.test_shards, cfg.eval, pools=cfg.pools.teacher,

@@ -23,15 +23,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from robust.eval.corruptions import IMAGENET_C
 from robust.eval.metrics import SEVERITIES, Tally, mean_corruption_error, summarize
+
+if TYPE_CHECKING:  # matplotlib loads in ~0.5 s: only the processes that plot import it
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 COST_INPUTS = ("startup_s", "train_s", "train_samples")  # what a training run records per model
 COST_FIELDS = (*COST_INPUTS, "samples_per_s", "train_ms_per_sample")
@@ -61,8 +62,7 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> ReportFiles:
     (out / "report.md").write_text(markdown(report))
     plots, series = {}, {}
     for plot_name, draw in (("severity", _severity_plot), ("corruptions", _corruption_bars), ("cost", _cost_plot)):
-        fig = Figure(figsize=(7.5, 4.5), dpi=120, layout="constrained")
-        FigureCanvasAgg(fig)
+        fig = new_figure()
         n = draw(fig.add_subplot(), models)
         if n:
             plots[plot_name] = out / f"{plot_name}.png"
@@ -80,6 +80,16 @@ def cost_fields(entry: Mapping[str, Any]) -> dict[str, float]:
     if seconds <= 0 or samples <= 0:
         raise ValueError(f"train_s={seconds} and train_samples={samples} must both be positive")
     return {"samples_per_s": samples / seconds, "train_ms_per_sample": 1000 * seconds / samples}
+
+
+def new_figure() -> Figure:
+    """A figure on matplotlib's Agg canvas (no display), the size of the report's plots."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.5), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def mce_of(entry: Mapping[str, Any]) -> float | None:

@@ -28,16 +28,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean, stdev
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from scipy.stats import t as student_t
 
 from robust.eval.metrics import SEVERITIES
-from robust.eval.report import avg_shifts, mce_of
+from robust.eval.report import avg_shifts, mce_of, new_figure
+
+if TYPE_CHECKING:  # matplotlib loads in ~0.5 s: only the processes that plot import it
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 CONFIDENCE = 0.95
 HEADERS = {"clean_acc": "Clean", "corrupt_acc": "Corrupted (mean)", "mce": "mCE", "avg_shifts": "Avg shifts",
@@ -153,6 +153,8 @@ def difference(values: Sequence[float]) -> dict[str, Any]:
     if out["sd"] is None:
         out["ci95"] = None
     else:
+        from scipy.stats import t as student_t  # scipy.stats loads in ~1 s: only here
+
         half = float(student_t.ppf(0.5 + CONFIDENCE / 2, out["n"] - 1)) * out["sd"] / math.sqrt(out["n"])
         out["ci95"] = [out["mean"] - half, out["mean"] + half]
     out["all_positive"] = all(v > 0 for v in values)
@@ -219,8 +221,7 @@ def study_figures(s: Mapping[str, Any]) -> dict[str, Figure]:
     """The plots that the study has data for, as Agg figures (to save, or to hand to TensorBoard)."""
     figures = {}
     for name, draw in (("severity", _severity_plot), ("corruptions", _corruption_bars), ("differences", _differences)):
-        fig = Figure(figsize=(7.5, 4.5), dpi=120, layout="constrained")
-        FigureCanvasAgg(fig)
+        fig = new_figure()
         if draw(fig.add_subplot(), s):
             figures[name] = fig
     return figures

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +27,12 @@ from torch import nn
 from robust.models.normalize import normalize_images
 
 
+LOCAL_DIR = "local-dir:"  # open_clip's schema for a folder with open_clip_config.json (+ weights)
+
+
 @dataclass
 class ClipTeacherConfig:
-    arch: str = "ViT-L-14"  # an open_clip model name (open_clip.list_models())
+    arch: str = "ViT-L-14"  # an open_clip model name (open_clip.list_models()) or local-dir:<folder>
     pretrained: str = "openai"  # open_clip tag, local checkpoint path, or "" for random init
     class_names: list[str] = field(default_factory=list)  # empty: the 1000 ImageNet classes
     templates: list[str] = field(default_factory=list)  # "{}" marks the class; empty: the 80 OpenAI ones
@@ -73,8 +77,6 @@ class ClipTeacher(nn.Module):
 def build_clip_teacher(cfg: ClipTeacherConfig, *, device: str | torch.device = "cpu") -> ClipTeacher:
     """Create the open_clip model (fp32, channels-last on CUDA) and its class embeddings (from the disk
     cache when present); with ``cfg.compile`` the image tower is compiled on first use."""
-    if cfg.arch not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip arch {cfg.arch!r}; pick one of open_clip.list_models()")
     clip = open_clip.create_model(cfg.arch, pretrained=_weights(cfg), device=device)
     if torch.device(device).type == "cuda":  # convolutional towers (ResNets, the ViT patch embedding)
         clip = clip.to(memory_format=torch.channels_last)
@@ -87,7 +89,19 @@ def build_clip_teacher(cfg: ClipTeacherConfig, *, device: str | torch.device = "
 
 
 def _weights(cfg: ClipTeacherConfig) -> str | None:
-    """The ``pretrained`` argument for open_clip: a tag, an existing file, or None (random init)."""
+    """The ``pretrained`` argument for open_clip: a tag, an existing file, or None (random init, or the
+    weights of a ``local-dir:`` folder, which open_clip reads beside its open_clip_config.json)."""
+    if cfg.arch.startswith(LOCAL_DIR):
+        folder = Path(cfg.arch.removeprefix(LOCAL_DIR)).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise ValueError(f"arch {cfg.arch!r}: {folder} has no open_clip_config.json; pass a folder that "
+                             "open_clip.create_model('local-dir:...') reads, or an open_clip model name")
+        if cfg.pretrained:
+            raise ValueError(f"arch {cfg.arch!r} holds its own weights: leave pretrained empty")
+        return None
+    if cfg.arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip arch {cfg.arch!r}; pick one of open_clip.list_models() or a "
+                         "local-dir:<folder> with open_clip_config.json")
     tags = open_clip.list_pretrained_tags_by_model(cfg.arch)
     if not cfg.pretrained or cfg.pretrained in tags:
         return cfg.pretrained or None
@@ -117,7 +131,8 @@ def class_embeddings(
     if bad:
         raise ValueError(f"templates {bad} lack the '{{}}' class placeholder, e.g. 'a photo of a {{}}.'")
     key = _cache_key(clip, arch, class_names, templates)
-    path = Path(cache_dir).expanduser() / f"{arch.replace('/', '_')}-{key[:20]}.safetensors"
+    stem = re.sub(r"[^\w.-]", "_", arch)  # a model name or a local-dir: path, as one file name
+    path = Path(cache_dir).expanduser() / f"{stem}-{key[:20]}.safetensors"
     device = next(clip.parameters()).device
     if path.is_file():
         return safetensors.torch.load_file(str(path), device=str(device))["class_embeddings_DK"], True

@@ -21,7 +21,8 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from cluster.eval_run import EvalRecipeConfig, load_costs, local_models, prepare_local
+from cluster.jobs.evaluation import load_costs
+from cluster.jobs.evaluation_local import EvaluationLocalConfig, local_models, prepare
 from robust.data.digits import digits_arrays
 from robust.eval.corruptions import corrupt
 from robust.eval.evaluate import evaluate_set
@@ -83,7 +84,7 @@ def folder(tmp_path_factory) -> Path:
 
 def _sets(small_shards, folder) -> list[EvalSetConfig]:
     common = {"image_size": 32, "crop_pct": 1.0, "corruptions": CORRUPTIONS, "severities": SEVERITIES}
-    return [EvalSetConfig(kind="shards", root=str(small_shards["test"]), name="clean", **common),
+    return [EvalSetConfig(kind="shards", root=str(small_shards["test"]), name="clean", shifted=False, **common),
             EvalSetConfig(kind="imagefolder", root=str(folder), name="folder", **common)]  # fmt: skip
 
 
@@ -100,14 +101,16 @@ def _hand_counts(model, x_NCHW: torch.Tensor, y_N: torch.Tensor) -> int:
         return int((model(x_NCHW).argmax(dim=1) == y_N).sum())
 
 
-def test_recipe_report_equals_single_process_evaluation(ray_local, small_shards, exports, folder, tmp_path):
+def test_recipe_report_equals_single_process_evaluation(ray_cluster, small_shards, exports, folder, tmp_path):
     sets = _sets(small_shards, folder)
-    costs = tmp_path / "dad_report.json"  # a DAD report's train_cost_s feeds the cost plot
-    costs.write_text(json.dumps({"models": {"random": {"train_cost_s": 3.0}, "trained": {"train_cost_s": 12.0}}}))
+    costs = tmp_path / "dad_report.json"  # a DAD report's training costs feed the cost plot
+    cost = {"random": {"startup_s": 9.0, "train_s": 3.0, "train_samples": 600},
+            "trained": {"startup_s": 9.0, "train_s": 12.0, "train_samples": 600}}
+    costs.write_text(json.dumps({"models": cost}))
     config = _write_config(tmp_path / "eval.yaml", sets, eval={"batch_size": BATCH, "part_batches": PART_BATCHES},
                            pools={"min_actors": 1, "max_actors": 2, "gpus_per_actor": 0, "cpus_per_actor": 1})
     out = tmp_path / "out"
-    models = f"models=[random={exports['random']},trained={exports['trained'] / 'student.json'}]"
+    models = f"models=[random={exports['random']},trained=local-dir:{exports['trained']}]"
     assert _recipe_main()([f"config={config}", models, f"costs={costs}", f"out_dir={out}"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert (out / "config.yaml").is_file() and set(report["models"]) == {"random", "trained"}
@@ -148,8 +151,9 @@ def test_recipe_report_equals_single_process_evaluation(ray_local, small_shards,
         assert entry["clean_acc"] == per_set["clean"]["acc"]
         assert entry["per_corruption"] == per_set["clean"]["per_corruption"]
         assert entry["sets"] == {"folder": per_set["folder"]["acc"], "folder-C": per_set["folder"]["corrupt_acc"]}
-        assert entry["train_cost_s"] == {"random": 3.0, "trained": 12.0}[name]
-        assert entry["weights"].endswith("student.safetensors")
+        assert {k: entry[k] for k in cost[name]} == cost[name]
+        assert entry["train_ms_per_sample"] == pytest.approx(1000 * cost[name]["train_s"] / 600)
+        assert entry["weights"].endswith("model.safetensors")
     trained = report["models"]["trained"]
     assert trained["clean_acc"] > 60 > report["models"]["random"]["clean_acc"]
 
@@ -197,8 +201,8 @@ def test_bad_input_fails_before_any_work_with_what_to_do(small_shards, exports, 
     _fails([config(good_sets), "models=[timm:resnet50]"], r"'resnet50' \(1000\)", out)  # no download: metadata only
     _fails([config(good_sets), "models=[timm:resnet50.no_such_tag]"], "no pretrained weights", out)
     _fails([config(good_sets), f"models=[a={exports['trained']},a={exports['random']}]"], "repeat", out)
-    _fails([config(good_sets[::-1][:1] + [EvalSetConfig(kind="imagefolder", root=str(folder), name="clean")]), model],
-           "only the first set", out)  # fmt: skip
+    _fails([config(good_sets[:1] + [EvalSetConfig(kind="imagefolder", root=str(folder), name="x", shifted=False)]),
+            model], "2 sets are marked shifted: false", out)  # fmt: skip
     _fails([config(good_sets), model, "eval.batch_sise=3"], "batch_sise", out)
     _fails([model], "no sets", out)
     _fails(["preset=local", f"local.runs={tmp_path / 'no_runs'}"], r"recipes/dad_imagenet.py preset=local", out)
@@ -209,14 +213,13 @@ def test_preset_local_finds_the_dad_runs_models_teacher_and_costs(exports, tmp_p
     for method in ("ce", "dad"):
         export_timm(load_exported(exports["trained"]), TimmConfig(name="test_resnet", num_classes=10), run_dir / method)
     teacher = export_timm(load_exported(exports["random"]), TimmConfig(name="test_resnet", num_classes=10),
-                          tmp_path / "runs" / "cache" / "teacher-x", stem="teacher")  # fmt: skip
+                          tmp_path / "runs" / "cache" / "timm-teacher-x")  # fmt: skip
     (run_dir / "config.yaml").write_text(f"teacher:\n  kind: timm\n  timm:\n    checkpoint: {teacher}\n")
-    (run_dir / "report.json").write_text(json.dumps({"models": {"ce": {"train_cost_s": 5.0}, "teacher": {}}}))
-    assert local_models(run_dir) == [f"ce={run_dir / 'ce' / 'student.json'}", f"dad={run_dir / 'dad' / 'student.json'}",
-                                     f"teacher={teacher.with_suffix('.json')}"]  # fmt: skip
-    cfg = EvalRecipeConfig()
+    (run_dir / "report.json").write_text(json.dumps({"models": {"ce": {"train_s": 5.0}, "teacher": {}}}))
+    assert local_models(run_dir) == [f"ce={run_dir / 'ce'}", f"dad={run_dir / 'dad'}", f"teacher={teacher}"]
+    cfg = EvaluationLocalConfig()
     cfg.local.runs = str(tmp_path / "runs")
-    prepare_local(cfg)
+    prepare(cfg)
     assert cfg.costs == str(run_dir / "report.json") and len(cfg.models) == 3
     (test_set,) = cfg.sets
     assert test_set.name == "clean" and test_set.corruptions == ["all"] and test_set.image_size == 32
@@ -224,20 +227,18 @@ def test_preset_local_finds_the_dad_runs_models_teacher_and_costs(exports, tmp_p
 
 
 def test_costs_files_and_model_specs(exports, tmp_path):
-    plain = tmp_path / "costs.json"
-    plain.write_text(json.dumps({"dad": 120, "ce": 60.5}))
-    assert load_costs(str(plain)) == {"dad": {"train_cost_s": 120.0}, "ce": {"train_cost_s": 60.5}}
     rpt = tmp_path / "report.json"
-    rpt.write_text(json.dumps({"models": {"rpt": {"cost_ms_per_img": 2.5, "clean_acc": 80.0}, "zs": {}}}))
-    assert load_costs(str(rpt)) == {"rpt": {"cost_ms_per_img": 2.5}, "zs": {}}
-    plain.write_text(json.dumps({"dad": "fast"}))
-    with pytest.raises(ValueError, match="training seconds"):
+    rpt.write_text(json.dumps({"models": {"rpt": {"train_s": 2.5, "train_samples": 10, "clean_acc": 80.0}, "zs": {}}}))
+    assert load_costs(str(rpt)) == {"rpt": {"train_s": 2.5, "train_samples": 10}, "zs": {}}
+    plain = tmp_path / "costs.json"
+    plain.write_text(json.dumps({"dad": 120}))
+    with pytest.raises(ValueError, match="not a report.json"):
         load_costs(str(plain))
 
     zs = ZeroShotConfig()
     by_dir = parse_model(str(exports["trained"]), clip=zs)
     assert (by_dir.name, by_dir.kind, by_dir.num_classes) == ("trained", "export", 10)
-    assert parse_model(f"s={exports['trained'] / 'student.safetensors'}", clip=zs).name == "s"
+    assert parse_model(f"s=local-dir:{exports['trained']}", clip=zs).name == "s"
     assert parse_model("timm:resnet50.a1_in1k", clip=zs).num_classes == 1000
     with pytest.raises(ValueError, match="list_models"):
         parse_model("clip:ViT-Nope/openai", clip=zs)

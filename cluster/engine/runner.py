@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+import timm
 
 from cluster.engine.deepspeed_config import OptimConfig, validate_optim
 from cluster.engine.pools import STUDENT_RESOURCE, TEACHER_RESOURCE, PoolsConfig, check_pools
@@ -24,6 +25,7 @@ from cluster.engine.trainer import DONE, TrainJob, fit
 from robust.config import save_config
 from robust.data.shards import Manifest
 from robust.eval.study import write_study
+from robust.models.timm_models import TimmConfig
 
 
 
@@ -89,6 +91,18 @@ def check_data(data: DataConfig, *, what: str = "the recipe") -> Manifest:
     if data.test_shards:
         shard_manifest(data.test_shards)
     return manifest
+
+
+def check_model(cfg: TimmConfig, *, key: str) -> None:
+    """A timm model config that can be built: a known name, and a checkpoint that exists when one is named."""
+    if not timm.is_model(cfg.name):
+        raise ValueError(f"{key}.name={cfg.name!r} is not a timm model; pick a name from timm.list_models()")
+    check_path(cfg.checkpoint, key=f"{key}.checkpoint", what="a state_dict file or an exported model folder")
+
+
+def check_path(path: str | None, *, key: str, what: str) -> None:
+    if path and not Path(path).expanduser().exists():
+        raise ValueError(f"{key}={path!r} does not exist; pass {what}, or leave it empty")
 
 
 def check_classes(data_classes: int | None, **models: int) -> int:

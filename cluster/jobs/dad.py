@@ -22,12 +22,12 @@ import torch
 from cluster.engine import batch as B
 from cluster.engine.deepspeed_config import OptimConfig
 from cluster.engine.evaluate import EvalConfig, check_eval, evaluate_models, held_out_set
-from cluster.engine.pools import PoolsConfig
+from cluster.engine.pools import PoolsConfig, check_pools
 from cluster.engine.prepare import Augment
 from cluster.engine.ray_cluster import RayConfig
 from cluster.engine.runner import (
-    DataConfig, RunConfig, Trained, begin_training, check_classes, check_data, check_methods, check_run, report_seeds,
-    run_dir, seed_dir, seeds, train,
+    DataConfig, RunConfig, Trained, begin_training, check_classes, check_data, check_in_flight, check_methods,
+    check_model, check_path, check_run, report_seeds, run_dir, seed_dir, seeds, steps_per_epoch, train,
 )  # fmt: skip
 from cluster.engine.streams import (
     ResumePoint, count_samples, generate_once, generated_stream, sample_stream, write_generated,
@@ -37,6 +37,7 @@ from cluster.engine.teacher_pool import through_pool
 from robust.attacks.dad import DADConfig
 from robust.attacks.pgd import check_pgd_config
 from robust.distill import TeacherConfig, build_teacher, teacher_targets
+from robust.models.clip_teacher import check_clip
 from robust.losses.objectives import ObjectiveConfig
 from robust.models.timm_models import TimmConfig
 from robust.eval.sets import timm_data_config
@@ -107,13 +108,25 @@ def check(cfg: DadConfig) -> int:
     manifest = check_data(cfg.data, what="DAD")
     check_run(cfg.run)
     check_methods(cfg.run.methods, METHODS)
+    check_pools(cfg.pools)
+    steps_per_epoch(manifest.total, cfg.pools, cfg.optim)  # the optimizer config, and one global batch at least
+    check_model(cfg.student, key="student")
+    if cfg.teacher.kind == "timm":
+        check_model(cfg.teacher.timm, key="teacher.timm")
+    elif cfg.teacher.kind == "clip":
+        check_clip(cfg.teacher.clip, key="teacher.clip")
+    else:
+        raise ValueError(f"teacher.kind must be 'clip' or 'timm', got {cfg.teacher.kind!r}")
+    check_path(cfg.vqgan.checkpoint, key="vqgan.checkpoint", what="a taming VQGAN .ckpt or .safetensors file")
     if cfg.dad.mode not in MODES:
         raise ValueError(f"dad.mode must be one of {MODES}, got {cfg.dad.mode!r}")
-    check_pgd_config(cfg.dad)
-    check_precision(cfg.teacher.precision)
+    check_pgd_config(cfg.dad, key="dad")
+    check_precision(cfg.teacher.precision, key="teacher.precision")
     check_train_aug(cfg.augment)
     check_eval(cfg.eval, cfg.data.test_shards)
-    return check_classes(manifest.num_classes, student=cfg.student.num_classes, teacher=cfg.teacher.num_classes)
+    classes = check_classes(manifest.num_classes, student=cfg.student.num_classes, teacher=cfg.teacher.num_classes)
+    check_in_flight(cfg.data, batch_bytes=batch_bytes(cfg, classes))
+    return classes
 
 
 def batch_bytes(cfg: DadConfig, classes: int) -> int:

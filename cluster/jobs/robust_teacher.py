@@ -20,11 +20,12 @@ import torch
 from cluster.engine import batch as B
 from cluster.engine.deepspeed_config import OptimConfig
 from cluster.engine.evaluate import EvalConfig, check_eval, evaluate_models, held_out_set
-from cluster.engine.pools import PoolsConfig
+from cluster.engine.pools import PoolsConfig, check_pools
 from cluster.engine.prepare import Augment
 from cluster.engine.ray_cluster import RayConfig
 from cluster.engine.runner import (
-    DataConfig, RunConfig, begin_training, check_classes, check_data, check_run, report_seeds, run_dir, seed_dir, seeds, train,
+    DataConfig, RunConfig, begin_training, check_classes, check_data, check_model, check_path, check_run, report_seeds,
+    run_dir, seed_dir, seeds, steps_per_epoch, train,
 )  # fmt: skip
 from cluster.engine.streams import ResumePoint, count_samples, generate_once, sample_stream, write_generated
 from cluster.engine.tasks import RobustTeacherTask
@@ -81,6 +82,10 @@ class DeepAugmentProducer:
 def check(cfg: RobustTeacherJobConfig) -> int:
     manifest = check_data(cfg.data, what="the robust teacher")
     check_run(cfg.run)
+    check_pools(cfg.pools)
+    steps_per_epoch(manifest.total, cfg.pools, cfg.optim)  # the optimizer config, and one global batch at least
+    check_model(cfg.train.model, key="train.model")
+    check_path(cfg.train.deepaugment.checkpoint, key="train.deepaugment.checkpoint", what="an autoencoder state_dict")
     check_augmentations(cfg.train)
     check_train_aug(cfg.augment)
     if cfg.data.test_shards:

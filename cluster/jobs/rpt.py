@@ -22,12 +22,12 @@ from safetensors.torch import load_file
 from cluster.engine import batch as B
 from cluster.engine.deepspeed_config import OptimConfig
 from cluster.engine.evaluate import EvalConfig, check_eval, evaluate_models
-from cluster.engine.pools import PoolsConfig
+from cluster.engine.pools import PoolsConfig, check_pools
 from cluster.engine.prepare import Augment
 from cluster.engine.ray_cluster import RayConfig
 from cluster.engine.runner import (
-    DataConfig, RunConfig, Trained, begin_training, check_classes, check_data, check_methods, check_run, report_seeds,
-    run_dir, seed_dir, seeds, train,
+    DataConfig, RunConfig, Trained, begin_training, check_classes, check_data, check_methods, check_model, check_run,
+    report_seeds, run_dir, seed_dir, seeds, steps_per_epoch, train,
 )  # fmt: skip
 from cluster.engine.streams import (
     ResumePoint, count_samples, generate_once, generated_stream, sample_stream, write_generated,
@@ -35,6 +35,7 @@ from cluster.engine.streams import (
 from cluster.engine.tasks import RptTask
 from cluster.engine.teacher_pool import through_pool
 from robust.augment import AugMixConfig, augmix_transform
+from robust.models.clip_teacher import check_clip
 from robust.models.precision import check_precision
 from robust.models.timm_models import TimmConfig, build_timm
 from robust.rpt.baselines import METHODS, build_method, wise_ft
@@ -121,6 +122,13 @@ def check(cfg: RptConfig) -> dict:
     manifest = check_data(cfg.data, what="RPT")
     check_run(cfg.run)
     check_methods(cfg.run.methods, [*METHODS, WISE_FT])
+    check_pools(cfg.pools)
+    steps_per_epoch(manifest.total, cfg.pools, cfg.optim)  # the optimizer config, and one global batch at least
+    if cfg.large.source == "timm":
+        check_model(cfg.large.timm, key="large.timm")
+    elif cfg.large.source == "open_clip":
+        check_clip(cfg.large.clip, key="large.clip")
+    check_model(cfg.robust_teacher, key="robust_teacher")
     if WISE_FT in cfg.run.methods and "full_finetune" not in cfg.run.methods:
         raise ValueError("wise_ft interpolates full_finetune's result: add full_finetune to run.methods")
     if any(not 0 <= a <= 1 for a in cfg.run.wise_alphas):

@@ -32,16 +32,16 @@ class PGDConfig:
     random_start_scale: float = 0.1
 
 
-def check_pgd_config(cfg: PGDConfig) -> None:
-    """Raise ``ValueError`` for a budget the attack cannot run with."""
+def check_pgd_config(cfg: PGDConfig, *, key: str = "attack") -> None:
+    """Raise ``ValueError`` for a budget the attack cannot run with, naming the config ``key``'s fields."""
     if cfg.norm not in NORMS:
-        raise ValueError(f"attack norm {cfg.norm!r} is unknown; use one of {NORMS}")
+        raise ValueError(f"{key}.norm={cfg.norm!r} is unknown; use one of {NORMS}")
     if cfg.eps < 0 or cfg.alpha < 0 or cfg.random_start_scale < 0:
-        raise ValueError("attack eps, alpha and random_start_scale must be >= 0")
+        raise ValueError(f"{key}.eps, {key}.alpha and {key}.random_start_scale must be >= 0")
     if cfg.steps < 1:
-        raise ValueError(f"attack steps={cfg.steps}; use at least 1 step")
+        raise ValueError(f"{key}.steps={cfg.steps}; use at least 1 step")
     if not 0.0 <= cfg.random_start_prob <= 1.0:
-        raise ValueError(f"random_start_prob={cfg.random_start_prob} must lie in [0, 1]")
+        raise ValueError(f"{key}.random_start_prob={cfg.random_start_prob} must lie in [0, 1]")
 
 
 def _per_sample_l2(t_BCHW: Tensor) -> Tensor:

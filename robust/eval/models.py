@@ -88,6 +88,8 @@ def parse_model(spec: str, *, clip: ZeroShotConfig) -> ModelSpec:
 
 def _export_spec(name: str, target: str) -> ModelSpec:
     folder = export_folder(target).resolve()
+    if not folder.exists():
+        raise ValueError(f"model {target!r} does not exist; pass {SPEC_HELP}")
     if is_timm_export(folder):
         kind, meta = "export", folder / CONFIG
     elif is_rpt_export(folder / RPT_META):

@@ -88,6 +88,17 @@ def build_clip_teacher(cfg: ClipTeacherConfig, *, device: str | torch.device = "
     return ClipTeacher(clip, embeddings_DK, cache_hit=hit)
 
 
+def check_clip(cfg: ClipTeacherConfig, *, key: str) -> None:
+    """Everything about a CLIP teacher config that can fail before the model is built, naming ``key``."""
+    try:
+        _weights(cfg)
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
+    bad = [t for t in cfg.templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"{key}.templates {bad} lack the '{{}}' class placeholder, e.g. 'a photo of a {{}}.'")
+
+
 def _weights(cfg: ClipTeacherConfig) -> str | None:
     """The ``pretrained`` argument for open_clip: a tag, an existing file, or None (random init, or the
     weights of a ``local-dir:`` folder, which open_clip reads beside its open_clip_config.json)."""

@@ -16,10 +16,10 @@ from torch import Tensor, nn
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
-def check_precision(precision: str) -> None:
-    """Raise ``ValueError`` for a policy string that is not one of ``PRECISIONS``."""
+def check_precision(precision: str, *, key: str = "precision") -> None:
+    """Raise ``ValueError`` for a policy string that is not one of ``PRECISIONS``, naming the config ``key``."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is unknown; use one of {PRECISIONS} ('auto': bf16 on CUDA, "
+        raise ValueError(f"{key}={precision!r} is unknown; use one of {PRECISIONS} ('auto': bf16 on CUDA, "
                          "fp32 on CPU)")  # fmt: skip
 
 

@@ -6,8 +6,9 @@ run from step 0 (ray-project/ray#46814). So the workers look at storage themselv
 beside its DeepSpeed files, a manifest of them (``rank<r>.json``: world size, step, file sizes) as the
 last thing it writes; a checkpoint is complete when every rank's manifest is there and every file it
 lists has its size. The newest complete checkpoint wins; damaged or half-written newer ones are skipped
-(and named in the log). A checkpoint written by another number of workers is refused before training:
-ZeRO partitions the optimizer by world size (microsoft/DeepSpeed#5405).
+(and named in the log). Refused before training, never a silent restart from step 0: a run whose
+checkpoints are all damaged, and a checkpoint written by another number of workers (ZeRO partitions the
+optimizer by world size; microsoft/DeepSpeed#5405).
 """
 
 from __future__ import annotations
@@ -68,25 +69,37 @@ def _problem(filesystem: pafs.FileSystem, path: str) -> tuple[str | None, int, i
     return None, world, step
 
 
-def usable_checkpoints(root: str, *, log=print) -> list[Stored]:
-    """The complete checkpoints of the run stored under ``root``, newest first; each skipped one is logged."""
+def _stored(root: str) -> tuple[list[Stored], list[str]]:
+    """(the complete checkpoints under ``root``, newest first; what is wrong with each other one)."""
     filesystem, base = _filesystem(root)
     infos = filesystem.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
                     and i.base_name.startswith(CHECKPOINT_PREFIX)), reverse=True)
-    found = []
+    found, problems = [], []
     for name in names:
         problem, world, step = _problem(filesystem, f"{base}/{name}")
         if problem:
-            log(f"checkpoint {base}/{name} is not usable ({problem}); looking at the one before")
-            continue
-        found.append(Stored(f"{base}/{name}", filesystem, world, step))
+            problems.append(f"checkpoint {base}/{name} is not usable ({problem})")
+        else:
+            found.append(Stored(f"{base}/{name}", filesystem, world, step))
+    return found, problems
+
+
+def usable_checkpoints(root: str, *, log=print) -> list[Stored]:
+    """The complete checkpoints of the run stored under ``root``, newest first; each skipped one is logged."""
+    found, problems = _stored(root)
+    for problem in problems:
+        log(f"{problem}; looking at the one before")
     return found
 
 
-def check_world_size(root: str, world: int) -> None:
-    """Before training: a run resumes only on the world size its newest complete checkpoint was written by."""
-    stored = usable_checkpoints(root, log=lambda _: None)
+def check_resumable(root: str, world: int) -> None:
+    """Before training: a run with checkpoints resumes from a complete one, on the world size it was written
+    by; it never starts again from step 0 because its checkpoints are damaged."""
+    stored, problems = _stored(root)
+    if problems and not stored:
+        raise ValueError(f"no checkpoint of this run is complete: {'; '.join(problems)}. Restore the files, or start a "
+                         "new run.name (this one would begin again at step 0)")
     if stored and stored[0].world != world:
         raise ValueError(f"{stored[0].path} (step {stored[0].step}) was written by {stored[0].world} student workers, "
                          f"and ZeRO's optimizer shards are per worker: resume with pools.student.num_workers="

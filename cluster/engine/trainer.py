@@ -35,7 +35,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from timm.utils import ModelEmaV3
 
 from cluster.engine import batch as B
-from cluster.engine.checkpoints import check_world_size, usable_checkpoints, write_manifest
+from cluster.engine.checkpoints import check_resumable, usable_checkpoints, write_manifest
 from cluster.engine.deepspeed_config import OptimConfig, deepspeed_config
 from cluster.engine.pools import STUDENT_RESOURCE, TEACHER_RESOURCE, StudentPoolConfig
 from cluster.engine.tasks import StudentTask
@@ -206,9 +206,9 @@ def _restore(students: list[_Student], job: TrainJob, world: int, rank: int) -> 
     log = (lambda line: print(line, flush=True)) if rank == 0 else (lambda _: None)
     stored = usable_checkpoints(job.checkpoint_root, log=log)
     if not stored:
-        return TrainState()
+        return TrainState()  # (checkpoints that exist but are all unusable stop the run on the driver)
     newest = stored[0]
-    if newest.world != world:  # the driver refuses this before training (check_world_size)
+    if newest.world != world:  # the driver refuses this before training (check_resumable)
         raise RuntimeError(f"{newest.path} was written by {newest.world} workers, this group has {world}")
     with Checkpoint(newest.path, filesystem=newest.filesystem).as_directory() as d:
         held = sorted(p.name for p in Path(d).iterdir() if p.is_dir())
@@ -346,7 +346,7 @@ def fit(job: TrainJob, dataset: ray.data.Dataset, pool: StudentPoolConfig, *, na
     if use_gpu:
         resources["GPU"] = pool.gpus_per_worker
     job = dataclasses.replace(job, checkpoint_root=f"{storage_path.rstrip('/')}/{name}")
-    check_world_size(job.checkpoint_root, pool.num_workers)
+    check_resumable(job.checkpoint_root, pool.num_workers)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"job": job, "nice": pool.nice},

@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cluster.console import print_summary  # noqa: E402
+from cluster.engine.runner import run_dir  # noqa: E402
 from cluster.jobs.dad import DadConfig, run  # noqa: E402
 from cluster.jobs.dad_local import LOCAL  # noqa: E402
 from robust.config import recipe_main  # noqa: E402
@@ -24,7 +25,7 @@ from robust.config import recipe_main  # noqa: E402
 
 def main(argv: list[str]) -> int:
     recipe_main(argv, doc=__doc__, schema=DadConfig, presets={"local": LOCAL},
-                run=lambda cfg, extra: print_summary(run(cfg, extra_models=extra)))
+                run=lambda cfg, extra: print_summary(run(cfg, extra_models=extra), run_dir(cfg.run)))
     return 0
 
 

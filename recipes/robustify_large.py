@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cluster.console import print_summary  # noqa: E402
+from cluster.engine.runner import run_dir  # noqa: E402
 from cluster.jobs.rpt import RptConfig, run  # noqa: E402
 from cluster.jobs.rpt_local import LOCAL  # noqa: E402
 from robust.config import recipe_main  # noqa: E402
@@ -26,7 +27,7 @@ from robust.config import recipe_main  # noqa: E402
 
 def main(argv: list[str]) -> int:
     recipe_main(argv, doc=__doc__, schema=RptConfig, presets={"local": LOCAL},
-                run=lambda cfg, extra: print_summary(run(cfg, extra_models=extra)))
+                run=lambda cfg, extra: print_summary(run(cfg, extra_models=extra), run_dir(cfg.run)))
     return 0
 
 

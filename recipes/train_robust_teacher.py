@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cluster.console import print_summary  # noqa: E402
+from cluster.engine.runner import run_dir  # noqa: E402
 from cluster.jobs.robust_teacher import RobustTeacherJobConfig, run  # noqa: E402
 from cluster.jobs.robust_teacher_local import LOCAL  # noqa: E402
 from robust.config import recipe_main  # noqa: E402
@@ -25,7 +26,7 @@ from robust.config import recipe_main  # noqa: E402
 
 def main(argv: list[str]) -> int:
     recipe_main(argv, doc=__doc__, schema=RobustTeacherJobConfig, presets={"local": LOCAL},
-                run=lambda cfg, _: print_summary(run(cfg)))
+                run=lambda cfg, _: print_summary(run(cfg), run_dir(cfg.run)))
     return 0
 
 

@@ -21,6 +21,16 @@ N_SMALL = 192  # digits in the small training shard set
 STORE = 150 * 2**20  # object store bytes of each node
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run where there is a GPU (benchmarks/gpu_check.sh runs them) and skip elsewhere."""
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device (benchmarks/gpu_check.sh runs it)"))
+
+
 @dataclass
 class LocalCluster:
     """``ray.cluster_utils.Cluster``: a head (the driver, read tasks) plus teacher nodes (the "teacher"

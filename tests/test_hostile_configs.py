@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARDS = ("data.train_shards={train}", "data.test_shards={test}", "pools.student.num_workers=2",
           "optim.micro_batch_size=16")
 DAD = (*SHARDS, "data.max_in_flight_mb=1", "teacher.kind=timm", "teacher.timm.name=test_resnet", "teacher.timm.num_classes=10",
-       "student.name=test_resnet", "student.num_classes=10", "augment.crop_size=32")
+       "student.name=test_resnet", "student.num_classes=10", "student.pretrained=false", "augment.crop_size=32")
 RPT = (*SHARDS, "large.timm.name=test_vit", "large.timm.num_classes=10", "large.timm.img_size=32",
        "large.timm.pretrained=false", "large.tune_fraction=0.2", "robust_teacher.name=test_resnet",
        "robust_teacher.num_classes=10", "augment.crop_size=32")
@@ -80,6 +80,13 @@ CASES = [
     ("eval", "models=[timm:resnet_typo]", "resnet_typo"),
     ("eval", "eval.batch_size=0", "eval.batch_size"),
     ("eval", "pools.min_actors=3", "pools needs 1 <= min_actors <= max_actors"),  # max_actors is 2 in the base
+    # fields that nothing read are gone: setting one is a typo like any other
+    ("dad", "pools.teacher.max_batches_in_flight=4", "max_batches_in_flight"),
+    ("dad", "objective.kind=dad_online", "objective.kind"),  # the method chooses it
+    ("dad", "objective.label_smoothing=0.1", "objective.label_smoothing"),  # it is augment.label_smoothing
+    ("teacher", "train.epochs=5", "train.epochs"),  # the job's epochs are run.epochs
+    ("teacher", "train.lr=0.1", "train.lr"),  # and its optimizer is optim.*
+    ("eval", "pools.batch_size=8", "pools.batch_size"),  # the evaluation's batches are eval.batch_size
 ]
 
 RECIPES = {"dad": (DadConfig, DAD, dad.check), "rpt": (RptConfig, RPT, rpt.check),

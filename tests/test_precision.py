@@ -213,7 +213,7 @@ def test_compiled_teacher_and_vqgan_match_eager(clip_cfg):
     assert traced == [True, True, True]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='"auto" is bf16 and channels_last applies on CUDA only')
+@pytest.mark.cuda  # "auto" is bf16 and channels_last applies on CUDA only
 def test_clip_teacher_on_cuda_defaults_to_bf16_channels_last(clip_cfg, digits):
     torch.manual_seed(0)
     teacher = build_clip_teacher(clip_cfg, device="cuda")

@@ -59,13 +59,34 @@ def _check_dad_batch(batch: dict, teacher: TeacherConfig, classes: int) -> None:
         torch.testing.assert_close(torch.from_numpy(batch[logits]).float(), expected, atol=2e-2, rtol=1e-2)
 
 
-def test_dad_batches_hold_what_the_students_need(ray_cluster, small_shards, tmp_path):
+MIXED = TrainAugConfig(crop_size=32, scale=[0.7, 1.0], ratio=[0.9, 1.1], hflip=0.5, interpolation="bilinear",
+                       auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+
+
+def test_dad_batches_of_mixed_images_hold_what_the_students_need(ray_cluster, small_shards, tmp_path):
+    # the paper's recipe: RandAugment, erasing, mixup / CutMix with label smoothing, in the read tasks
     torch.manual_seed(0)
     weights = tmp_path / "teacher.safetensors"
     save_file(timm.create_model("test_resnet", num_classes=10).state_dict(), weights)
     teacher = TeacherConfig(kind="timm", timm=TimmConfig(name="test_resnet", num_classes=10, checkpoint=str(weights)))
-    batch = next(iter(_stream(small_shards["train"], DistillProducer(teacher, TINY_VQ, DAD)).iter_batches(batch_size=None)))
-    _check_dad_batch(batch, teacher, 10)
+    stream = _stream(small_shards["train"], DistillProducer(teacher, TINY_VQ, DAD), aug=MIXED)
+    batches = list(stream.iter_batches(batch_size=None))
+    _check_dad_batch(batches[0], teacher, 10)  # the teacher scored the mixed pixels themselves
+    target = np.concatenate([b[B.TARGET][b[B.VALID]] for b in batches])
+    np.testing.assert_allclose(target.sum(axis=1), 1.0, rtol=1e-5)  # soft labels: distributions
+    assert target.max() <= 0.9 + 0.1 / 10 + 1e-6  # label smoothing 0.1
+    assert (np.sort(target, axis=1)[:, -2] > 0.05).mean() > 0.3  # mixed: a second class holds mass
+    # the same seed makes the same batches again: crops, mixing, DAD random starts, teacher logits
+    again = list(_stream(small_shards["train"], DistillProducer(teacher, TINY_VQ, DAD), aug=MIXED).iter_batches(batch_size=None))
+    for a, b in zip(batches, again):
+        for column in (B.KEY, B.IMAGE, B.TARGET, B.DAD_IMAGE, B.TEACHER_LOGITS):
+            np.testing.assert_array_equal(a[column], b[column])
+    # and another method (CE: no teacher pool) trains on exactly these pixels
+    ce = sample_stream(str(small_shards["train"]), Augment(MIXED, 10), epochs=1, seed=0, batch_size=32, num_classes=10,
+                       shuffle=False)
+    first = next(iter(ce.iter_batches(batch_size=None)))
+    np.testing.assert_array_equal(first[B.KEY], batches[0][B.KEY])
+    np.testing.assert_array_equal(first[B.IMAGE], batches[0][B.IMAGE])
 
 
 def test_the_clip_teacher_serves_dad_batches(ray_cluster, small_shards, tiny_clip, tmp_path):

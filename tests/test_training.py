@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_file
 
@@ -23,6 +24,7 @@ from cluster.engine.prepare import Augment
 from cluster.engine.runner import DataConfig, RunConfig, train
 from cluster.engine.streams import ResumePoint, count_samples, sample_stream
 from cluster.engine.tasks import DistillTask
+from cluster.engine.tracking import TENSORBOARD, LoggingConfig
 from cluster.engine.trainer import CKPT_TAG
 from cluster.jobs.dad import DadConfig, check, train_students
 from robust.config import load_config
@@ -65,10 +67,10 @@ def test_each_zero_stage_exports_what_its_engine_trained(ray_cluster, even_shard
     resume = ResumePoint.remote()
     stream = sample_stream(str(even_shards), Augment(CROP, 10), epochs=1, seed=0, batch_size=32, num_classes=10,
                            resume=resume)
-    optim = OptimConfig(zero_stage=stage, micro_batch_size=micro, grad_accum=accum, lr=1e-3, warmup_steps=1)
+    optim = OptimConfig(zero_stage=stage, micro_batch_size=micro, grad_accum=accum, lr=1e-3, warmup_epochs=0.5)
     trained = train({"ce": DistillTask(VIT, "ce", ObjectiveConfig())}, stream, tmp_path / "run", name=run.name, run=run,
                     seed=0, data=DataConfig(max_in_flight_mb=64), pools=pools, optim=optim, total=EVEN,
-                    batch_bytes=32 * 32 * 32 * 3, resume=resume)["ce"]
+                    batch_bytes=32 * 32 * 32 * 3, resume=resume, logging=LoggingConfig(tensorboard=False))["ce"]
     exported = _export(trained.path)
     # the engine's own final state: DeepSpeed's checkpoint, consolidated by DeepSpeed (ZeRO-3 partitions too)
     ckpt = _latest_checkpoint(Path(run.out_dir) / run.name / "ray") / "ce"
@@ -102,9 +104,9 @@ def _dad_cfg(shards: Path, out: Path, name: str) -> DadConfig:
         f"data.train_shards={shards}", f"data.test_shards={shards}", "data.max_in_flight_mb=8",
         f"run.out_dir={out}", f"run.name={name}", "run.methods=[ce,kd,dad]", "run.epochs=2", "run.checkpoint_every=2",
         "run.log_every=1", "run.max_failures=3", "teacher.kind=timm", "teacher.timm.name=test_resnet",
-        "teacher.timm.num_classes=10", "student.name=test_resnet", "student.num_classes=10", "dad.eps=1.0",
+        "teacher.timm.num_classes=10", "student.name=test_resnet", "student.num_classes=10", "student.pretrained=false", "dad.eps=1.0",
         "dad.alpha=1.0", "optim.zero_stage=2", "optim.micro_batch_size=16", "optim.grad_accum=2", "optim.lr=2e-3",
-        "optim.warmup_steps=2", "optim.ema_decay=0.9", "pools.teacher.min_actors=1", "pools.teacher.max_actors=1",
+        "optim.warmup_epochs=0.5", "optim.warmup_start_ratio=0", "optim.grad_clip=1.0", "optim.ema_decay=0.9", "pools.teacher.min_actors=1", "pools.teacher.max_actors=1",
         "pools.teacher.gpus_per_actor=0", "pools.teacher.cpus_per_actor=1", "pools.teacher.batch_size=32",
         "pools.student.num_workers=2", "pools.student.gpus_per_worker=0", "pools.student.cpus_per_worker=1",
         *[f"augment.{k}={v}" for k, v in (("crop_size", 32), ("hflip", 0.0), ("auto_augment", "''"),
@@ -124,6 +126,7 @@ def _metrics(folder: Path, *, events: bool = False) -> list[dict]:
 def test_a_dad_pass_that_loses_a_student_node_resumes_where_an_unbroken_run_goes(ray_cluster, even_shards, tmp_path):
     steps = 2 * EVEN // 64  # 2 epochs of 4 steps: 2 workers x 16 x 2 micro-batches per step
     baseline = _dad_cfg(even_shards, tmp_path, "unbroken")
+    baseline.logging = LoggingConfig(wandb=True, wandb_mode="offline", wandb_tags=["test"])
     check(baseline)
     clean = train_students(baseline, seed=0, classes=10)
 
@@ -165,6 +168,17 @@ def test_a_dad_pass_that_loses_a_student_node_resumes_where_an_unbroken_run_goes
     assert all(torch.equal(ema[f"model.{k}"].float(), v.float()) for k, v in exported.items())
     raw = torch.load(ckpt / CKPT_TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert any(not torch.equal(raw[f"model.{k}"].float(), v.float()) for k, v in exported.items() if v.is_floating_point())
+    # TensorBoard (read back with its own reader) and W&B (offline) got the rows of metrics.jsonl
+    for method in ("ce", "kd", "dad"):
+        folder = tmp_path / "unbroken" / method
+        events = EventAccumulator(str(folder / TENSORBOARD))
+        events.Reload()
+        rows = _metrics(folder)
+        for tag in ("loss", "lr", "samples_per_s", "object_store_bytes", "teacher_actors_alive", "skipped"):
+            logged = [(e.step, e.value) for e in events.Scalars(f"train/{tag}")]
+            assert logged == [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in rows], tag
+        (summary,) = folder.glob("wandb/offline-run-*/files/wandb-summary.json")
+        assert json.loads(summary.read_text())["train/loss"] == pytest.approx(rows[-1]["loss"], rel=1e-6)
     # the stream stayed within its object-store bound (Ray's own accounting), with Ray Data's slack of
     # a block per operator in flight
     peak = max(r["object_store_bytes"] for r in _metrics(tmp_path / "unbroken" / "dad"))

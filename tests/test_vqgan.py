@@ -121,7 +121,7 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
         build_vqgan(replace(TINY, checkpoint=str(tmp_path / "missing.ckpt")))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='"auto" is bf16 and channels_last applies on CUDA only')
+@pytest.mark.cuda  # "auto" is bf16 and channels_last applies on CUDA only
 def test_discretize_on_cuda_defaults_to_bf16_channels_last_close_to_fp32():
     vqgan = _frozen_tiny()
     x = torch.rand(8, 3, 16, 16)

@@ -104,14 +104,20 @@ def validate(batch: Mapping[str, np.ndarray], *, needs: Iterable[str] = ()) -> N
     _check(batch, [n for n in batch if n in COLUMNS])
 
 
+def _to(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A column on ``device``; to a GPU from pinned memory without blocking (the copy overlaps compute)."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
+
+
 def images(x_BHWC: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """An image column (uint8 HWC) -> float [0, 1] BCHW on ``device``."""
-    return torch.from_numpy(np.ascontiguousarray(x_BHWC)).to(device).permute(0, 3, 1, 2).float().div_(255)
+    """An image column (uint8 HWC) -> float [0, 1] BCHW on ``device`` (converted there, from 4x fewer bytes)."""
+    return _to(x_BHWC, device).permute(0, 3, 1, 2).float().div_(255)
 
 
 def tensor(batch: Mapping[str, np.ndarray], name: str, device: torch.device | str) -> torch.Tensor:
     """A numeric column as a tensor on ``device``."""
-    return torch.from_numpy(np.ascontiguousarray(batch[name])).to(device)
+    return _to(batch[name], device)
 
 
 def targets(batch: Mapping[str, np.ndarray], device: torch.device | str) -> torch.Tensor:

@@ -11,6 +11,7 @@ driver adds them per model and set.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from cluster.engine.pools import ActorPoolConfig
 from cluster.engine.runner import Trained
+from cluster.engine.tracking import LoggingConfig, Tracker
 from cluster.engine.teacher_pool import actor_device, pool_map
 from robust.data.shards import ShardDataset
 from robust.eval.corruptions import ALL, IMAGENET_C
@@ -138,7 +140,7 @@ def held_out_set(test_shards: str, cfg: EvalConfig) -> EvalSetConfig:
 
 
 def evaluate_models(trained: Mapping[str, Trained], test_shards: str, cfg: EvalConfig, *, pools: ActorPoolConfig,
-                    out_dir: Path, extra: Mapping[str, Path] | None = None) -> dict:
+                    out_dir: Path, logging: LoggingConfig, extra: Mapping[str, Path] | None = None) -> dict:
     """A training job's evaluation: the trained models (and ``extra`` exports) on ``test_shards`` clean and
     under the corruption suite; writes the report with each trained model's cost."""
     test = held_out_set(test_shards, cfg)
@@ -148,5 +150,9 @@ def evaluate_models(trained: Mapping[str, Trained], test_shards: str, cfg: EvalC
     for name, t in trained.items():
         report["models"][name] |= {"startup_s": t.startup_s, "train_s": t.train_s, "pass_s": t.pass_s,
                                    "train_samples": t.train_samples}
-    write_report(report, out_dir)
+    files = write_report(report, out_dir)
+    for name, t in trained.items():  # each model's evaluation beside its training curves
+        tracker = Tracker(logging, t.path, name=f"{out_dir.name}/{name}", group=out_dir.name)
+        tracker.log(json.loads(files.json.read_text())["models"][name], step=t.steps, prefix="eval")
+        tracker.close()
     return report

@@ -20,6 +20,7 @@ class RayConfig:
     num_cpus: int = 0  # a new local cluster only; 0: Ray's default (the machine's cores)
     object_store_mb: int = 0
     check_resources: bool = True  # fail early when the pools ask for more than the cluster has
+    log_level: str = "WARNING"  # of Ray's own loggers (Ray Train's checkpoint reports, Ray Data's plans) in the job
 
 
 def actor_pool_needs(pool: ActorPoolConfig) -> dict[str, float]:
@@ -60,10 +61,11 @@ def start_ray(cfg: RayConfig, *, resources: dict[str, float]) -> None:
         return
     # An explicit address, or RAY_ADDRESS (which `ray job submit` sets for its driver): join that cluster.
     # Never "auto": it would join whatever cluster this machine started last.
+    quiet = ray.LoggingConfig(log_level=cfg.log_level)
     if cfg.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.address or None)
+        ray.init(address=cfg.address or None, logging_config=quiet)
         return
     # The dashboard hosts the state API that Ray Train's placement-group cleaner and the trainer's
     # teacher-pool gauge query.
     ray.init(address="local", num_cpus=cfg.num_cpus or None, object_store_memory=cfg.object_store_mb * 2**20 or None,
-             resources=resources, include_dashboard=True)
+             resources=resources, include_dashboard=True, logging_config=quiet)

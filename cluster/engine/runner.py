@@ -21,6 +21,7 @@ from cluster.engine.pools import STUDENT_RESOURCE, TEACHER_RESOURCE, PoolsConfig
 from cluster.engine.ray_cluster import RayConfig, check_resources, start_ray, training_needs
 from cluster.engine.streams import execution_options, shard_manifest
 from cluster.engine.tasks import StudentTask
+from cluster.engine.tracking import LoggingConfig
 from cluster.engine.trainer import DONE, TrainJob, fit
 from robust.config import save_config
 from robust.data.shards import Manifest
@@ -161,18 +162,19 @@ class Trained:
     train_s: float  # the model's own training steps
     pass_s: float  # the whole pass it was trained in (with the other students of the pass, and waits for data)
     train_samples: int
+    steps: int  # optimizer steps
 
 
 def train(tasks: dict[str, StudentTask], stream: ray.data.Dataset, out: Path, *, name: str, run: RunConfig,
           seed: int, data: DataConfig, pools: PoolsConfig, optim: OptimConfig, total: int, batch_bytes: int,
-          resume: ray.actor.ActorHandle) -> dict[str, Trained]:
+          resume: ray.actor.ActorHandle, logging: LoggingConfig) -> dict[str, Trained]:
     """Train ``tasks`` in one pass over ``stream``, each into ``out/<task>`` (export, metrics.jsonl); a pass
     whose models are all finished (``done.json``) is not run again."""
     if not all((out / t / DONE).is_file() for t in tasks):
         limit = check_in_flight(data, batch_bytes=batch_bytes)
         job = TrainJob(tasks=tasks, optim=optim, epochs=run.epochs, steps_per_epoch=steps_per_epoch(total, pools, optim),
                        run_dir=str(out), seed=seed, checkpoint_every=run.checkpoint_every, log_every=run.log_every,
-                       log_keys=run.log_keys, resume=resume, started_at=time.time())
+                       log_keys=run.log_keys, resume=resume, started_at=time.time(), logging=logging, group=name)
         # the Ray Train run is named by its students, so a rerun with other methods never resumes another pass
         fit(job, stream, pools.student, name=f"{name}-{'+'.join(tasks)}",
             storage_path=run.storage_path or str(run_dir(run) / "ray"),

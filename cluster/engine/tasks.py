@@ -7,6 +7,7 @@ robust teacher.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +18,17 @@ import torch
 from torch import Tensor, nn
 
 from cluster.engine import batch as B
+from robust.attacks.dad import DADConfig, dad_samples
 from robust.losses.objectives import ObjectiveConfig, objective
 from robust.models.timm_models import TimmConfig, build_timm, export_timm
+from robust.models.vqgan import VQGANConfig, build_vqgan, discretize
 from robust.pixmix import load_mixing_set
 from robust.rpt.baselines import METHODS, build_method, method_loss_config
 from robust.rpt.export import export_rpt
 from robust.rpt.losses import RptLossConfig, rpt_loss
 from robust.rpt.partial import PartialConfig
 from robust.rpt.select import SelectConfig
-from robust.seeding import combine, seed_everything
+from robust.seeding import combine, generator, seed_everything
 from robust.teacher_train import RobustTeacherConfig, check_augmentations, robust_teacher_loss, teacher_batch
 
 Forward = Callable[[Tensor], Tensor | dict[str, Tensor]]  # the DeepSpeed engine's forward (dtype handled)
@@ -45,7 +48,7 @@ class StudentTask(Protocol):
         """Write the trained ``module`` (the latest ``build()``, holding the full trained weights) for evaluation."""
 
 
-OBJECTIVE_NEEDS = {"ce": (), "kd": (B.TEACHER_LOGITS,),
+OBJECTIVE_NEEDS = {"ce": (), "kd": (B.TEACHER_LOGITS,), "dat": (),
                    "dad_online": (B.TEACHER_LOGITS, B.DAD_IMAGE, B.DAD_TEACHER_LOGITS),
                    "dad_offline": (B.TEACHER_LOGITS, B.DAD_IMAGE, B.DAD_TEACHER_LOGITS)}
 
@@ -79,6 +82,34 @@ class DistillTask:
 
     def export(self, module: nn.Module, out_dir: str | Path) -> None:
         export_timm(module, self.student, out_dir, data_config=self.data_config)
+
+
+@dataclass
+class DatTask(DistillTask):
+    """DAT (Mao et al. 2022), the baseline DAD improves on: the student attacks itself. Its discrete
+    adversarial samples Q(PGD(Q(x))) follow the student's own gradient, so the discretizer runs here, on the
+    student workers; the loss is CE on the clean and on the adversarial batch (robust.losses.objectives)."""
+
+    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
+    attack: DADConfig = field(default_factory=DADConfig)
+    precision: str = "auto"  # the discretizer's; the student's forward is the engine's own (bf16 on GPU)
+
+    def build(self) -> nn.Module:
+        self._model = super().build()
+        self._vqgan = build_vqgan(self.vqgan)  # frozen, no optimizer state: outside the engine
+        return self._model
+
+    def loss(self, forward: Forward, rows: dict[str, np.ndarray], *, device: torch.device) -> tuple[Tensor, Terms]:
+        x, y = B.images(rows[B.IMAGE], device), B.targets(rows, device)
+        q = functools.partial(discretize, self._vqgan.to(device), precision=self.precision)
+        self._model.eval()  # the attack reads the student as it is; BatchNorm statistics stay the training's
+        try:
+            x_adv = dad_samples(lambda z: forward(z).float(), q, x, y, self.attack, precision="fp32",
+                                generator=generator(combine(rows[B.SEED]), device))
+        finally:
+            self._model.train()
+        s_all = forward(torch.cat([x, x_adv])).float()
+        return objective("dat", self.objective, student_logits=s_all[: len(x)], y=y, student_adv_logits=s_all[len(x):])
 
 
 @dataclass

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from cluster.engine.checkpoints import check_resumable, usable_checkpoints, writ
 from cluster.engine.deepspeed_config import OptimConfig, deepspeed_config
 from cluster.engine.pools import STUDENT_RESOURCE, TEACHER_RESOURCE, StudentPoolConfig
 from cluster.engine.tasks import StudentTask
+from cluster.engine.tracking import LoggingConfig, Tracker
 from robust.seeding import combine, seed_everything
 
 CKPT_TAG = "ckpt"
@@ -62,6 +65,8 @@ class TrainJob:
     resume: ray.actor.ActorHandle | None = None  # cluster.engine.streams.ResumePoint shared with the read tasks
     started_at: float = 0.0  # time.time() when the driver submitted it: the start-up cost runs from here
     checkpoint_root: str = ""  # where Ray Train stores this run's checkpoints (set by ``fit``)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    group: str = ""  # the job's run name: the W&B group of its students
 
     @property
     def needs(self) -> set[str]:
@@ -97,6 +102,7 @@ class _Student:
     ema: ModelEmaV3 | None
     out: Path  # its export, metrics.jsonl and done.json
     window: _Window = field(default_factory=_Window)
+    tracker: Tracker | None = None  # rank 0's TensorBoard / W&B run of this student
 
 
 def _micro_step(engine, task: StudentTask, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -178,9 +184,10 @@ def _log(students: list[_Student], shared: _Shared, state: TrainState, job: Trai
                         "compute_s": totals[-1] / world}
         s.window = _Window()
     if rank == 0:
-        for name, row in rows.items():
-            with open(Path(job.run_dir) / name / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        for s in students:
+            with open(s.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rows[s.name]) + "\n")
+            s.tracker.log(rows[s.name], step=state.step, prefix="train")
         losses = "  ".join(f"{name} {row.get('loss', float('nan')):.4f}" for name, row in rows.items())
         print(f"[{Path(job.run_dir).name}] epoch {state.epoch + 1}/{job.epochs} step {state.step}/"
               f"{job.epochs * job.steps_per_epoch} loss {losses}  {common['samples_per_s']:.0f} samples/s", flush=True)
@@ -248,7 +255,7 @@ def _build(job: TrainJob, world: int) -> list[_Student]:
     import deepspeed
 
     ds_cfg = deepspeed_config(job.optim, world_size=world, total_steps=job.epochs * job.steps_per_epoch,
-                              on_gpu=torch.cuda.is_available())
+                              steps_per_epoch=job.steps_per_epoch, on_gpu=torch.cuda.is_available())
     students = []
     for name, task in job.tasks.items():
         seed_everything(job.seed)  # the same initialisation on every rank, and for every task
@@ -261,22 +268,32 @@ def _build(job: TrainJob, world: int) -> list[_Student]:
     return students
 
 
+def _quiet() -> None:
+    """The workers' console is the students' step lines: DeepSpeed's notices (its own logger, which Ray's log
+    level does not reach) and torch's deprecation warnings about the collectives DeepSpeed calls are off."""
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
 def train_loop(config: dict) -> None:
     """The per-worker loop (Ray Train calls it on every worker)."""
+    _quiet()
     job: TrainJob = config["job"]
     os.nice(config["nice"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     students = _build(job, world)
     state = _restore(students, job, world, rank)
-    seed_everything(combine([job.seed, rank, state.step]))  # dropout and task-side draws, per rank
+    for s in students if rank == 0 else []:
+        s.tracker = Tracker(job.logging, s.out, name=f"{job.group}/{s.name}", group=job.group)
     if job.resume is not None:  # the read tasks skip the epochs before this one (set before reading)
         ray.get(job.resume.set.remote(state.epoch))
     micro_per_epoch = job.steps_per_epoch * job.optim.grad_accum
     # The stream starts at the resumed epoch; its first micro_in_epoch micro-batches are the ones done
     # before the checkpoint. Rows past the last step are left unread.
+    # two micro-batches prefetched: the next arrives while the students step (their copies to a GPU overlap)
     batches = iter(ray.train.get_dataset_shard("train").iter_batches(batch_size=job.optim.micro_batch_size,
-                                                                     drop_last=True))
+                                                                     drop_last=True, prefetch_batches=2))
     for _ in range(state.micro_in_epoch):
         next(batches, None)
     shared, needs = _Shared(), job.needs
@@ -289,6 +306,8 @@ def train_loop(config: dict) -> None:
                                "the shard manifests promise more samples than the stream delivered")
         B.validate(batch, needs=needs)
         state.first_batch_at = state.first_batch_at or time.time()
+        # dropout and drop path draw from (seed, rank, position): a resumed run draws what the first one did
+        seed_everything(combine([job.seed, rank, state.epoch, state.micro_in_epoch]))
         for s in students:
             t0 = time.perf_counter()
             for k, v in _micro_step(s.engine, s.task, batch).items():
@@ -332,8 +351,9 @@ def _export(students: list[_Student], state: TrainState, job: TrainJob, rank: in
             s.task.export(model, s.out)
             # train_s: this student's own steps (a rank's mean); the pass also waited for data and the other students
             cost = {"startup_s": state.first_batch_at - job.started_at, "train_s": compute_s / world,
-                    "pass_s": time.time() - state.first_batch_at, "train_samples": int(samples)}
+                    "pass_s": time.time() - state.first_batch_at, "train_samples": int(samples), "steps": state.step}
             (s.out / DONE).write_text(json.dumps(cost))
+            s.tracker.close()
 
 
 def fit(job: TrainJob, dataset: ray.data.Dataset, pool: StudentPoolConfig, *, name: str, storage_path: str,

@@ -3,7 +3,8 @@
     read tasks (decode, the student's augmentation) -> teacher pool (teacher logits; DAD samples) -> students
 
 ``ce`` trains on the augmented images alone, ``kd`` adds the teacher's logits, ``dad`` adds the discrete
-adversarial samples and the teacher's logits on them. The students of a run share one stream, so they
+adversarial samples and the teacher's logits on them; ``dat``, the baseline, attacks the student itself
+(its discretizer runs on the student workers). The students of a run share one stream, so they
 see the same batches in the same order (paired) and the teacher pool works once for all of them; a run
 of CE alone needs no teacher pool. ``dad.mode=offline`` generates the DAD samples once into shards and
 trains every epoch from them. With ``run.seeds`` the pass runs once per seed and the report adds the
@@ -32,8 +33,9 @@ from cluster.engine.runner import (
 from cluster.engine.streams import (
     ResumePoint, count_samples, generate_once, generated_stream, sample_stream, write_generated,
 )  # fmt: skip
-from cluster.engine.tasks import DistillTask
+from cluster.engine.tasks import DatTask, DistillTask
 from cluster.engine.teacher_pool import through_pool
+from cluster.engine.tracking import LoggingConfig, check_logging
 from robust.attacks.dad import DADConfig
 from robust.attacks.pgd import check_pgd_config
 from robust.distill import TeacherConfig, build_teacher, teacher_targets
@@ -46,7 +48,8 @@ from robust.models.vqgan import VQGANConfig, build_vqgan
 from robust.seeding import combine, generator
 from robust.train_transforms import TrainAugConfig, check_train_aug, to_uint8
 
-METHODS = ("ce", "kd", "dad")
+METHODS = ("ce", "kd", "dat", "dad")
+TEACHER_METHODS = {"kd", "dad"}  # the methods that read the teacher pool's output
 MODES = ("online", "offline")
 DAD_COLUMNS = [B.IMAGE, B.TEACHER_LOGITS, B.DAD_IMAGE, B.DAD_TEACHER_LOGITS]
 
@@ -54,6 +57,14 @@ DAD_COLUMNS = [B.IMAGE, B.TEACHER_LOGITS, B.DAD_IMAGE, B.DAD_TEACHER_LOGITS]
 @dataclass
 class DadSection(DADConfig):
     mode: str = "online"  # online: fresh DAD samples every epoch; offline: generate once, train from shards
+    alpha: float | None = None  # the attack's step; None: the official scripts' 0.1 online, 0.01 offline
+
+
+def attack(cfg: DadSection) -> DADConfig:
+    """The DAD budget the teacher pool runs: ``cfg`` with its step resolved by the mode."""
+    step = cfg.alpha if cfg.alpha is not None else (0.1 if cfg.mode == "online" else 0.01)
+    return DADConfig(norm=cfg.norm, eps=cfg.eps, alpha=step, steps=cfg.steps, random_start_prob=cfg.random_start_prob,
+                     random_start_scale=cfg.random_start_scale)
 
 
 @dataclass
@@ -64,18 +75,27 @@ class DadRunConfig(RunConfig):
 
 @dataclass
 class DadConfig:
+    """Defaults: the official ViT-B/16 recipe (SPEC 4): a pretrained ViT-B/16 fine-tuned 30 epochs from CLIP
+    ViT-L/14 zero-shot with the DeiT augmentation (RandAugment, mixup 0.8, CutMix 1.0, label smoothing 0.1,
+    random erasing 0.25), drop path 0.25, EMA 0.99992, AdamW lr 1e-4 at global batch 256 (8 workers x 32),
+    weight decay 0.05, 5 warm-up epochs from 1e-6, then cosine, gradient clipping 0.99."""
+
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     vqgan: VQGANConfig = field(default_factory=VQGANConfig)
     dad: DadSection = field(default_factory=DadSection)
     augment: TrainAugConfig = field(default_factory=TrainAugConfig)
-    student: TimmConfig = field(default_factory=lambda: TimmConfig(name="vit_base_patch16_224", num_classes=1000))
+    student: TimmConfig = field(default_factory=lambda: TimmConfig(
+        name="vit_base_patch16_224", num_classes=1000, pretrained=True, drop_path_rate=0.25))
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        zero_stage=2, micro_batch_size=32, lr=1e-4, weight_decay=0.05, grad_clip=0.99, warmup_epochs=5.0,
+        warmup_start_ratio=0.01, ema_decay=0.99992))
     pools: PoolsConfig = field(default_factory=PoolsConfig)
     run: DadRunConfig = field(default_factory=DadRunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 @dataclass
@@ -107,6 +127,7 @@ def check(cfg: DadConfig) -> int:
     """Everything that can be checked before Ray starts; returns the number of classes."""
     manifest = check_data(cfg.data, what="DAD")
     check_run(cfg.run)
+    check_logging(cfg.logging)
     check_methods(cfg.run.methods, METHODS)
     check_pools(cfg.pools)
     steps_per_epoch(manifest.total, cfg.pools, cfg.optim)  # the optimizer config, and one global batch at least
@@ -120,7 +141,7 @@ def check(cfg: DadConfig) -> int:
     check_path(cfg.vqgan.checkpoint, key="vqgan.checkpoint", what="a taming VQGAN .ckpt or .safetensors file")
     if cfg.dad.mode not in MODES:
         raise ValueError(f"dad.mode must be one of {MODES}, got {cfg.dad.mode!r}")
-    check_pgd_config(cfg.dad, key="dad")
+    check_pgd_config(attack(cfg.dad), key="dad")
     check_precision(cfg.teacher.precision, key="teacher.precision")
     check_train_aug(cfg.augment)
     check_eval(cfg.eval, cfg.data.test_shards)
@@ -146,8 +167,8 @@ def stream(cfg: DadConfig, seed: int, classes: int, resume: Any) -> Any:
         return sample_stream(cfg.data.train_shards, augment, epochs=epochs, seed=seed, num_classes=classes,
                              batch_size=cfg.pools.teacher.batch_size, resume=resume if epochs > 1 else None)
 
-    producer = DistillProducer(cfg.teacher, cfg.vqgan if "dad" in methods else None, cfg.dad)
-    if methods == {"ce"}:
+    producer = DistillProducer(cfg.teacher, cfg.vqgan if "dad" in methods else None, attack(cfg.dad))
+    if not methods & TEACHER_METHODS:
         return samples(cfg.run.epochs)
     if "dad" not in methods or cfg.dad.mode == "online":
         return through_pool(samples(cfg.run.epochs), producer, cfg.pools.teacher)
@@ -169,20 +190,24 @@ def train_students(cfg: DadConfig, *, seed: int, classes: int) -> dict[str, Trai
     """Every method's student in one pass over the stream: the same batches, in the same order."""
     resume = ResumePoint.remote()
     export = timm_data_config(held_out_set(cfg.data.test_shards, cfg.eval))
-    tasks = {m: DistillTask(cfg.student, kind(cfg, m), cfg.objective, export) for m in cfg.run.methods}
+    tasks = {m: DatTask(cfg.student, "dat", cfg.objective, export, vqgan=cfg.vqgan, attack=attack(cfg.dad),
+                        precision=cfg.teacher.precision) if m == "dat"
+             else DistillTask(cfg.student, kind(cfg, m), cfg.objective, export) for m in cfg.run.methods}
     suffix = f"-seed{seed}" if cfg.run.seeds else ""
     return train(tasks, stream(cfg, seed, classes, resume), seed_dir(cfg.run, seed), name=f"{cfg.run.name}{suffix}",
                  run=cfg.run, seed=seed, data=cfg.data, pools=cfg.pools, optim=cfg.optim,
-                 total=count_samples(cfg.data.train_shards), batch_bytes=batch_bytes(cfg, classes), resume=resume)
+                 total=count_samples(cfg.data.train_shards), batch_bytes=batch_bytes(cfg, classes), resume=resume,
+                 logging=cfg.logging)
 
 
 def run(cfg: DadConfig, *, extra_models: dict[str, Path] | None = None) -> dict:
     """Train every method's student (per seed), evaluate them and ``extra_models``, write the report."""
     classes = check(cfg)
-    begin_training(cfg, cfg.pools, cfg.ray, cfg.run, teacher_pool=set(cfg.run.methods) != {"ce"})
+    begin_training(cfg, cfg.pools, cfg.ray, cfg.run, teacher_pool=bool(set(cfg.run.methods) & TEACHER_METHODS))
     reports = {}
     for seed in seeds(cfg.run):
         trained = train_students(cfg, seed=seed, classes=classes)
         reports[seed] = evaluate_models(trained, cfg.data.test_shards, cfg.eval, pools=cfg.pools.teacher,
-                                        out_dir=seed_dir(cfg.run, seed), extra=extra_models or {})
+                                        out_dir=seed_dir(cfg.run, seed), logging=cfg.logging,
+                                        extra=extra_models or {})
     return report_seeds(reports, run_dir(cfg.run))

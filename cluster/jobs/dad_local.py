@@ -53,8 +53,9 @@ OVERLAY: dict = {
     "augment": {"crop_size": 32, "scale": [0.7, 1.0], "ratio": [0.9, 1.1], "hflip": 0.0, "interpolation": "bilinear",
                 "auto_augment": "", "color_jitter": 0.0, "re_prob": 0.0, "mixup": 0.0, "cutmix": 0.0,
                 "label_smoothing": 0.0},
-    "student": {"name": "test_resnet", "num_classes": 10},
-    "optim": {"zero_stage": 2, "micro_batch_size": 64, "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 10},
+    "student": {"name": "test_resnet", "num_classes": 10, "pretrained": False, "drop_path_rate": None},
+    "optim": {"zero_stage": 2, "micro_batch_size": 64, "lr": 2e-3, "weight_decay": 0.01, "grad_clip": 1.0,
+              "warmup_epochs": 1.0, "warmup_start_ratio": 0.0, "ema_decay": 0.0},
     "pools": {
         "teacher": {"min_actors": 1, "max_actors": 1, "gpus_per_actor": 0, "cpus_per_actor": 1, "batch_size": 64},
         # the teacher pool is the slower stage: on 2 shared cores it runs at its own speed (benchmarks/pipeline.py)

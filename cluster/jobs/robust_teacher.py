@@ -30,6 +30,7 @@ from cluster.engine.runner import (
 from cluster.engine.streams import ResumePoint, count_samples, generate_once, sample_stream, write_generated
 from cluster.engine.tasks import RobustTeacherTask
 from cluster.engine.teacher_pool import through_pool
+from cluster.engine.tracking import LoggingConfig, check_logging
 from robust.deepaugment import autoencoder_for, build_autoencoder, deepaugment
 from robust.eval.sets import timm_data_config
 from robust.models.timm_models import TimmConfig
@@ -57,6 +58,7 @@ class RobustTeacherJobConfig:
     run: TeacherRunConfig = field(default_factory=TeacherRunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 @dataclass
@@ -82,6 +84,7 @@ class DeepAugmentProducer:
 def check(cfg: RobustTeacherJobConfig) -> int:
     manifest = check_data(cfg.data, what="the robust teacher")
     check_run(cfg.run)
+    check_logging(cfg.logging)
     check_pools(cfg.pools)
     steps_per_epoch(manifest.total, cfg.pools, cfg.optim)  # the optimizer config, and one global batch at least
     check_model(cfg.train.model, key="train.model")
@@ -130,7 +133,8 @@ def run(cfg: RobustTeacherJobConfig) -> dict:
         trained = train({"teacher": RobustTeacherTask(cfg.train, export)}, stream, out, name=f"{cfg.run.name}{suffix}",
                         run=cfg.run, seed=seed, data=cfg.data, pools=cfg.pools, optim=cfg.optim,
                         total=count_samples(sources), batch_bytes=cfg.pools.teacher.batch_size * B.nbytes({B.IMAGE: image}),
-                        resume=resume)
+                        resume=resume, logging=cfg.logging)
         if cfg.data.test_shards:
-            reports[seed] = evaluate_models(trained, cfg.data.test_shards, cfg.eval, pools=cfg.pools.teacher, out_dir=out)
+            reports[seed] = evaluate_models(trained, cfg.data.test_shards, cfg.eval, pools=cfg.pools.teacher, out_dir=out,
+                                            logging=cfg.logging)
     return report_seeds(reports, run_dir(cfg.run)) if reports else {"models": {}}

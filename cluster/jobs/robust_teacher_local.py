@@ -14,7 +14,7 @@ OVERLAY: dict = {
     "deepaugment_fit_images": 1347,
     "augment": {"crop_size": 32, "scale": [0.7, 1.0], "ratio": [0.9, 1.1], "hflip": 0.0, "interpolation": "bilinear",
                 "color_jitter": 0.0},
-    "optim": {"zero_stage": 2, "micro_batch_size": 64, "lr": 3e-3, "weight_decay": 0.05, "warmup_steps": 10},
+    "optim": {"zero_stage": 2, "micro_batch_size": 64, "lr": 3e-3, "weight_decay": 0.05, "warmup_epochs": 0.5},
     "pools": {
         "teacher": {"min_actors": 1, "max_actors": 1, "gpus_per_actor": 0, "cpus_per_actor": 1, "batch_size": 64},
         "student": {"num_workers": 2, "gpus_per_worker": 0, "cpus_per_worker": 1},

@@ -34,6 +34,7 @@ from cluster.engine.streams import (
 )  # fmt: skip
 from cluster.engine.tasks import RptTask
 from cluster.engine.teacher_pool import through_pool
+from cluster.engine.tracking import LoggingConfig, check_logging
 from robust.augment import AugMixConfig, augmix_transform
 from robust.models.clip_teacher import check_clip
 from robust.models.precision import check_precision
@@ -77,6 +78,7 @@ class RptConfig:
     run: RptRunConfig = field(default_factory=RptRunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     precision: str = "auto"  # the teacher pool's forwards: "auto" = bf16 on GPU, fp32 on CPU
 
 
@@ -121,6 +123,7 @@ def check(cfg: RptConfig) -> dict:
     """Everything that can fail before Ray starts; returns the student's parameter counts."""
     manifest = check_data(cfg.data, what="RPT")
     check_run(cfg.run)
+    check_logging(cfg.logging)
     check_methods(cfg.run.methods, [*METHODS, WISE_FT])
     check_pools(cfg.pools)
     steps_per_epoch(manifest.total, cfg.pools, cfg.optim)  # the optimizer config, and one global batch at least
@@ -195,7 +198,8 @@ def train_methods(cfg: RptConfig, *, seed: int, classes: int) -> dict[str, Train
         trained |= train(tasks, stream(cfg, cached=cached, method=methods[0], seed=seed, classes=classes, resume=resume),
                          seed_dir(cfg.run, seed), name=f"{cfg.run.name}{suffix}", run=cfg.run, seed=seed, data=cfg.data,
                          pools=cfg.pools, optim=cfg.optim, total=count_samples(cfg.data.train_shards),
-                         batch_bytes=batch_bytes(cfg, classes, cached=cached, method=methods[0]), resume=resume)
+                         batch_bytes=batch_bytes(cfg, classes, cached=cached, method=methods[0]), resume=resume,
+                         logging=cfg.logging)
     return trained
 
 
@@ -225,5 +229,5 @@ def run(cfg: RptConfig, *, extra_models: dict[str, Path] | None = None) -> dict:
         if WISE_FT in cfg.run.methods:
             trained |= wise_ft_models(cfg, trained["full_finetune"], out)
         reports[seed] = evaluate_models(trained, cfg.data.test_shards, cfg.eval, pools=cfg.pools.teacher,
-                                        out_dir=out, extra=extra_models or {})
+                                        out_dir=out, logging=cfg.logging, extra=extra_models or {})
     return report_seeds(reports, run_dir(cfg.run))

@@ -71,6 +71,27 @@ def test_frozen_part_is_bitwise_unchanged_and_never_in_the_optimizer(name):
     assert {"heads.clean", "heads.unclean", "heads.combined"} <= changed
 
 
+def test_dropout_is_the_tuned_units_own_and_the_heads_not_a_block_input():
+    vit = build_partial(_cfg("test_vit", tune_from_block=4, dropout=0.25))
+    assert vit.info["shared_units"] == ["blocks.4", "blocks.5"]
+    shared_drops = [m for m in vit.tuned.shared.modules() if isinstance(m, torch.nn.Dropout)]
+    # each tuned block's own attn_drop, proj_drop, mlp drop1 and drop2; nothing on the blocks' inputs
+    assert len(shared_drops) == 2 * 4 and all(m.p == 0.25 for m in shared_drops)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in vit.tuned.shared.children())
+    assert all(head.drop.p == 0.25 for head in vit.tuned.heads.values())  # before each head's classifier
+    frozen_drops = [m for m in vit.backbone.modules() if isinstance(m, torch.nn.Dropout)]
+    assert frozen_drops and all(m.p == 0.0 for m in frozen_drops)  # M_b keeps the model's own (0)
+    # a ResNet's blocks have no dropout of their own: in train mode its shared section is deterministic
+    resnet = build_partial(_cfg("test_resnet", tune_from_block=1, dropout=0.25)).train()
+    feats = resnet.backbone_features(_batch()[0])
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = resnet.tuned.shared(feats)
+        torch.manual_seed(1)
+        b = resnet.tuned.shared(feats)
+    torch.testing.assert_close(a, b)
+
+
 def test_param_counts_of_test_vit_by_hand():
     D, H, C, P, tokens = 64, 192, 10, 16, (32 // 16) ** 2 + 1  # test_vit: dim 64, mlp ratio 3, 6 blocks
     block = 2 * (2 * D) + (D * 3 * D + 3 * D) + (D * D + D) + (D * H + H) + (H * D + D)  # 2 norms, qkv, proj, mlp

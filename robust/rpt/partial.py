@@ -4,7 +4,9 @@ M_b (the first layers) is frozen: it runs in eval mode without autograd and hold
 parameter, so it never reaches the optimizer, and its output is the only thing the tuned part sees
 (a feature cache can stand in for it). M_s (the shared tunable section) and the heads are trained;
 each head (clean, unclean, combined) owns a copy of the last fifth of the tuning portion, the model's
-own pooling and its classifier, with dropout p before every tuned block and before the classifier.
+own pooling and its classifier. Dropout p goes where the paper puts it: the tuned units' own dropout
+layers (a ViT block's attention, projection and MLP dropout) and before every head's classifier; it
+is never inserted on a block's input, where it would also drop the residual path and feed BatchNorm.
 
 The split uses timm's own description of a model's depth order, ``group_matcher(coarse=False)`` (the
 one layer-wise lr decay uses): its "stem" stays frozen, its block patterns name the units (blocks,
@@ -313,12 +315,15 @@ def param_ids(*modules_or_params: nn.Module | nn.Parameter) -> set[int]:
     return out
 
 
-def with_dropout(units: Sequence[nn.Module], *, n_blocks: int, dropout: float) -> nn.Sequential:
-    """Dropout p before every block (not before post-block modules such as the final norm)."""
-    layers: list[nn.Module] = []
-    for i, unit in enumerate(units):
-        layers += [nn.Dropout(dropout), unit] if i < n_blocks else [unit]
-    return nn.Sequential(*layers)
+def with_dropout(units: Sequence[nn.Module], *, dropout: float) -> nn.Sequential:
+    """The units in order, their own dropout layers set to p (attention dropout of nn.MultiheadAttention too)."""
+    seq = nn.Sequential(*units)
+    for m in seq.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = dropout
+        elif isinstance(m, nn.MultiheadAttention):  # open_clip blocks: dropout is a float attribute
+            m.dropout = dropout
+    return seq
 
 
 def reference_input(large: LargeModel) -> tuple[Tensor, Tensor]:
@@ -367,9 +372,9 @@ def split_model(
     head_ids = param_ids(*(params[n] for n in units.head_params))
     shell = copy_only(model, head_ids)  # pooling + classifier, nothing else
     tuned_ids = head_ids | param_ids(*modules[k:])
-    head_units = with_dropout(modules[j:], n_blocks=max(units.n_blocks - j, 0), dropout=dropout)
+    head_units = with_dropout(modules[j:], dropout=dropout)
     made = {name: Head(copy.deepcopy(head_units), copy.deepcopy(shell), dropout=dropout) for name in heads}
-    shared = with_dropout(modules[k:j], n_blocks=max(units.n_blocks - k, 0), dropout=dropout)
+    shared = with_dropout(modules[k:j], dropout=dropout)
     keep_only(model, param_ids(model) - tuned_ids)  # M_b: the stem and the frozen blocks, in place
     info = {"model": type(model).__name__, "blocks": units.n_blocks, "tune_from_block": k,
             "shared_units": units.names[k:j], "head_units": units.names[j:],

@@ -47,11 +47,11 @@ def check_select_config(cfg: SelectConfig) -> None:
 
 @contextmanager
 def mc_dropout(module: nn.Module) -> Iterator[None]:
-    """Everything in eval mode (BatchNorm uses its statistics) except the dropout layers."""
+    """Everything in eval mode (BatchNorm uses its statistics) except the dropout layers (and MHA's dropout)."""
     modes = {m: m.training for m in module.modules()}
     module.eval()
     for m in module.modules():
-        if isinstance(m, nn.Dropout):
+        if isinstance(m, (nn.Dropout, nn.MultiheadAttention)):
             m.train()
     try:
         yield

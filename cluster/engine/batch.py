@@ -2,7 +2,8 @@
 object store -> student workers, and generated shards), with its dtype and per-row shape.
 
 Symbolic dims tie columns together: every image column of a batch has the same (H, W), every logits
-column the same K; "F" is a feature shape (any rank), shared by ``feats`` and ``aug_feats``. ``build``
+column the same K, every top-k column the same k; "F" is a feature shape (any rank), shared by ``feats``
+and ``aug_feats``. ``build``
 makes a batch from arrays or tensors (cast to the declared dtype, checked); ``validate`` checks one that
 arrived. Rows with ``valid`` False are placeholders for samples that could not be used (undecodable,
 label out of range, lost in a truncated shard): they keep the per-epoch sample count exact and carry
@@ -29,6 +30,8 @@ KEY, EPOCH, SEED, VALID, SKIP_REASON, LABEL, TARGET = "key", "epoch", "seed", "v
 IMAGE, TEACHER_LOGITS = "image", "teacher_logits"
 DAD_IMAGE, DAD_TEACHER_LOGITS = "dad_image", "dad_teacher_logits"
 AUG_IMAGE, AUG_TEACHER_LOGITS, FEATS, AUG_FEATS = "aug_image", "aug_teacher_logits", "feats", "aug_feats"
+TEACHER_TOPK_INDEX, TEACHER_TOPK_LOGP = "teacher_topk_index", "teacher_topk_logp"
+DAD_TEACHER_TOPK_INDEX, DAD_TEACHER_TOPK_LOGP = "dad_teacher_topk_index", "dad_teacher_topk_logp"
 
 COLUMNS: dict[str, Column] = {c.name: c for c in (
     Column(KEY, "str", ()),  # the sample's key in its shard set
@@ -42,12 +45,22 @@ COLUMNS: dict[str, Column] = {c.name: c for c in (
     Column(TEACHER_LOGITS, "float16", ("K",)),  # the teacher's logits on ``image``
     Column(DAD_IMAGE, "uint8", ("H", "W", 3)),  # DAD: Q(PGD(Q(image)))
     Column(DAD_TEACHER_LOGITS, "float16", ("K",)),
+    # compact teacher targets (robust.losses.soft_targets): the classes of its k largest probabilities
+    Column(TEACHER_TOPK_INDEX, "int32", ("k",)),
+    # ... and their log-probabilities, largest first (float16 as the logits: float32 lowers the tau-4 KL to the
+    # full teacher by about 1% at k <= 50, benchmarks/soft_targets.py)
+    Column(TEACHER_TOPK_LOGP, "float16", ("k",)),
+    Column(DAD_TEACHER_TOPK_INDEX, "int32", ("k",)),  # the same on ``dad_image``
+    Column(DAD_TEACHER_TOPK_LOGP, "float16", ("k",)),
     Column(AUG_IMAGE, "uint8", ("H", "W", 3)),  # RPT: the augmented ("unclean") view of ``image``
     Column(AUG_TEACHER_LOGITS, "float16", ("K",)),  # RPT: the robust teacher's logits on ``aug_image``
     Column(FEATS, "float32", ("F",)),  # RPT feature cache: the frozen backbone on ``image``
     Column(AUG_FEATS, "float32", ("F",)),  # ... on ``aug_image``
 )}
 ROW_COLUMNS = (KEY, EPOCH, SEED, VALID, SKIP_REASON, LABEL)  # every batch has these
+# A teacher logits column -> the columns of its compact form (its top-k classes and log-probabilities)
+TOPK = {TEACHER_LOGITS: (TEACHER_TOPK_INDEX, TEACHER_TOPK_LOGP),
+        DAD_TEACHER_LOGITS: (DAD_TEACHER_TOPK_INDEX, DAD_TEACHER_TOPK_LOGP)}
 
 
 def _as_array(value: object, column: Column) -> np.ndarray:
@@ -125,6 +138,11 @@ def targets(batch: Mapping[str, np.ndarray], device: torch.device | str) -> torc
     return tensor(batch, TARGET if TARGET in batch else LABEL, device)
 
 
+def compact(names: Iterable[str]) -> list[str]:
+    """``names`` with each teacher logits column replaced by the columns of its top-k (``TOPK``)."""
+    return [c for n in names for c in TOPK.get(n, (n,))]
+
+
 def nbytes(columns: Mapping[str, tuple[int, ...]]) -> int:
     """Bytes of one row holding ``columns`` with the given row shapes (strings excluded)."""
     return sum(int(np.prod(shape)) * np.dtype(COLUMNS[n].dtype).itemsize for n, shape in columns.items()
@@ -133,4 +151,6 @@ def nbytes(columns: Mapping[str, tuple[int, ...]]) -> int:
 # Generated shards (offline DAD, the feature cache) store columns under the shard schema's fields
 # (robust.data.shards): the image as "png", the rest as its optional fields.
 SHARD_FIELDS = {IMAGE: "png", TEACHER_LOGITS: "logits.npy", DAD_IMAGE: "dad.png", DAD_TEACHER_LOGITS: "dad.logits.npy",
-                AUG_TEACHER_LOGITS: "aug.logits.npy", FEATS: "feats.npy", AUG_FEATS: "aug.feats.npy"}
+                AUG_TEACHER_LOGITS: "aug.logits.npy", FEATS: "feats.npy", AUG_FEATS: "aug.feats.npy",
+                TEACHER_TOPK_INDEX: "topk.index.npy", TEACHER_TOPK_LOGP: "topk.logp.npy",
+                DAD_TEACHER_TOPK_INDEX: "dad.topk.index.npy", DAD_TEACHER_TOPK_LOGP: "dad.topk.logp.npy"}

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from cluster.engine import batch as B
 from robust.attacks.dad import DADConfig, dad_samples
 from robust.losses.objectives import ObjectiveConfig, objective
+from robust.losses.soft_targets import dense_log_probs
 from robust.models.timm_models import TimmConfig, build_timm, export_timm
 from robust.models.vqgan import VQGANConfig, build_vqgan, discretize
 from robust.pixmix import load_mixing_set
@@ -61,12 +62,14 @@ class DistillTask:
     kind: str
     objective: ObjectiveConfig
     data_config: dict = field(default_factory=dict)  # the export's preprocessing (robust.eval.sets.timm_data_config)
+    topk_targets: bool = False  # the batches carry the teacher's top-k (batch.TOPK) instead of its logits
     needs: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         if self.kind not in OBJECTIVE_NEEDS:
             raise ValueError(f"objective kind {self.kind!r} is unknown; use one of {sorted(OBJECTIVE_NEEDS)}")
-        self.needs = (B.IMAGE, *OBJECTIVE_NEEDS[self.kind])
+        needs = OBJECTIVE_NEEDS[self.kind]
+        self.needs = (B.IMAGE, *(B.compact(needs) if self.topk_targets else needs))
 
     def build(self) -> nn.Module:
         return build_timm(self.student)
@@ -76,9 +79,18 @@ class DistillTask:
         has_adv = B.DAD_IMAGE in self.needs
         s_all = forward(torch.cat([x, B.images(rows[B.DAD_IMAGE], device)]) if has_adv else x).float()
         s, s_adv = (s_all[: len(x)], s_all[len(x):]) if has_adv else (s_all, None)
-        logits = {name: B.tensor(rows, col, device) for name, col in
-                  (("teacher_logits", B.TEACHER_LOGITS), ("teacher_adv_logits", B.DAD_TEACHER_LOGITS)) if col in self.needs}
+        logits = {name: self._teacher(rows, col, device=device, num_classes=s.shape[1]) for name, col in
+                  (("teacher_logits", B.TEACHER_LOGITS), ("teacher_adv_logits", B.DAD_TEACHER_LOGITS))
+                  if col in OBJECTIVE_NEEDS[self.kind]}
         return objective(self.kind, self.objective, student_logits=s, y=B.targets(rows, device), student_adv_logits=s_adv, **logits)
+
+    def _teacher(self, rows: dict[str, np.ndarray], column: str, *, device: torch.device, num_classes: int) -> Tensor:
+        """The teacher's logits ``column``, or its top-k expanded to log-probabilities: valid logits for the KD
+        losses (softmax(log p) = p; robust.losses.soft_targets)."""
+        if not self.topk_targets:
+            return B.tensor(rows, column, device)
+        index, logp = B.TOPK[column]
+        return dense_log_probs(B.tensor(rows, index, device), B.tensor(rows, logp, device), num_classes=num_classes)
 
     def export(self, module: nn.Module, out_dir: str | Path) -> None:
         export_timm(module, self.student, out_dir, data_config=self.data_config)

@@ -41,6 +41,7 @@ from robust.attacks.pgd import check_pgd_config
 from robust.distill import TeacherConfig, build_teacher, teacher_targets
 from robust.models.clip_teacher import check_clip
 from robust.losses.objectives import ObjectiveConfig
+from robust.losses.soft_targets import topk_soft_targets
 from robust.models.timm_models import TimmConfig
 from robust.eval.sets import timm_data_config
 from robust.models.precision import check_precision
@@ -58,6 +59,9 @@ DAD_COLUMNS = [B.IMAGE, B.TEACHER_LOGITS, B.DAD_IMAGE, B.DAD_TEACHER_LOGITS]
 class DadSection(DADConfig):
     mode: str = "online"  # online: fresh DAD samples every epoch; offline: generate once, train from shards
     alpha: float | None = None  # the attack's step; None: the official scripts' 0.1 online, 0.01 offline
+    # k > 0: the teacher pool emits (and offline shards store) the teacher's top-k log-probabilities
+    # (batch.TOPK) instead of all its logits; the students expand them (robust.losses.soft_targets). 0: all.
+    soft_targets_topk: int = 0
 
 
 def attack(cfg: DadSection) -> DADConfig:
@@ -100,11 +104,13 @@ class DadConfig:
 
 @dataclass
 class DistillProducer:
-    """The teacher pool's work: the teacher's logits on each image; with a VQGAN, DAD samples too."""
+    """The teacher pool's work: the teacher's logits on each image (or their top ``topk``); with a VQGAN,
+    DAD samples too."""
 
     teacher: TeacherConfig
     vqgan: VQGANConfig | None
     dad: DADConfig
+    topk: int = 0  # dad.soft_targets_topk
 
     def build(self, device: torch.device) -> tuple[Any, Any]:
         return build_teacher(self.teacher, device=device), (
@@ -120,6 +126,9 @@ class DistillProducer:
         if vqgan is not None:
             columns |= {B.DAD_IMAGE: to_uint8(out["dad_image"]).permute(0, 2, 3, 1),
                         B.DAD_TEACHER_LOGITS: out["dad_teacher_logits"]}
+        if self.topk:
+            for name in [n for n in columns if n in B.TOPK]:
+                columns |= dict(zip(B.TOPK[name], topk_soft_targets(columns.pop(name), k=self.topk)))
         return columns
 
 
@@ -146,6 +155,10 @@ def check(cfg: DadConfig) -> int:
     check_train_aug(cfg.augment)
     check_eval(cfg.eval, cfg.data.test_shards)
     classes = check_classes(manifest.num_classes, student=cfg.student.num_classes, teacher=cfg.teacher.num_classes)
+    topk = cfg.dad.soft_targets_topk
+    if topk and not 1 <= topk < classes:
+        raise ValueError(f"dad.soft_targets_topk={topk} must be 0 (the teacher's full logits) or a k in "
+                         f"[1, {classes}) (fewer than the {classes} classes); set dad.soft_targets_topk to one of them")
     check_in_flight(cfg.data, batch_bytes=batch_bytes(cfg, classes))
     return classes
 
@@ -155,6 +168,8 @@ def batch_bytes(cfg: DadConfig, classes: int) -> int:
     row = {B.IMAGE: image, B.TARGET: logits, B.TEACHER_LOGITS: logits}
     if "dad" in cfg.run.methods:
         row |= {B.DAD_IMAGE: image, B.DAD_TEACHER_LOGITS: logits}
+    if topk := cfg.dad.soft_targets_topk:
+        row = {c: row.get(c, (topk,)) for c in B.compact(row)}
     return cfg.pools.teacher.batch_size * B.nbytes(row)
 
 
@@ -167,13 +182,15 @@ def stream(cfg: DadConfig, seed: int, classes: int, resume: Any) -> Any:
         return sample_stream(cfg.data.train_shards, augment, epochs=epochs, seed=seed, num_classes=classes,
                              batch_size=cfg.pools.teacher.batch_size, resume=resume if epochs > 1 else None)
 
-    producer = DistillProducer(cfg.teacher, cfg.vqgan if "dad" in methods else None, attack(cfg.dad))
+    producer = DistillProducer(cfg.teacher, cfg.vqgan if "dad" in methods else None, attack(cfg.dad),
+                               topk=cfg.dad.soft_targets_topk)
     if not methods & TEACHER_METHODS:
         return samples(cfg.run.epochs)
     if "dad" not in methods or cfg.dad.mode == "online":
         return through_pool(samples(cfg.run.epochs), producer, cfg.pools.teacher)
     shards = seed_dir(cfg.run, seed) / "dad_shards"  # generated once per seed, reused by restarts
-    columns = DAD_COLUMNS + ([B.TARGET] if cfg.augment.soft_targets else [])
+    columns = (B.compact(DAD_COLUMNS) if cfg.dad.soft_targets_topk else DAD_COLUMNS) + (
+        [B.TARGET] if cfg.augment.soft_targets else [])
     generate_once(shards, lambda: write_generated(through_pool(samples(1), producer, cfg.pools.teacher), shards,
                                                   columns=columns, total=count_samples(cfg.data.train_shards),
                                                   desc="offline DAD", num_classes=classes))
@@ -192,7 +209,8 @@ def train_students(cfg: DadConfig, *, seed: int, classes: int) -> dict[str, Trai
     export = timm_data_config(held_out_set(cfg.data.test_shards, cfg.eval))
     tasks = {m: DatTask(cfg.student, "dat", cfg.objective, export, vqgan=cfg.vqgan, attack=attack(cfg.dad),
                         precision=cfg.teacher.precision) if m == "dat"
-             else DistillTask(cfg.student, kind(cfg, m), cfg.objective, export) for m in cfg.run.methods}
+             else DistillTask(cfg.student, kind(cfg, m), cfg.objective, export,
+                              topk_targets=cfg.dad.soft_targets_topk > 0) for m in cfg.run.methods}
     suffix = f"-seed{seed}" if cfg.run.seeds else ""
     return train(tasks, stream(cfg, seed, classes, resume), seed_dir(cfg.run, seed), name=f"{cfg.run.name}{suffix}",
                  run=cfg.run, seed=seed, data=cfg.data, pools=cfg.pools, optim=cfg.optim,

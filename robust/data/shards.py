@@ -15,6 +15,9 @@ field               content
 ``feats.npy``       feature cache (RPT): the frozen backbone's output for the image (then no image field)
 ``aug.feats.npy``   feature cache: the backbone's output for the sample's augmented view
 ``aug.logits.npy``  optional: teacher LOGITS for the augmented view, float16, shape (K,)
+``topk.index.npy``  optional, instead of ``logits.npy``: the teacher's top-k classes, int32, shape (k,)
+``topk.logp.npy``   ... and their log-probabilities, float16, shape (k,) (robust.losses.soft_targets)
+``dad.topk.*.npy``  optional, instead of ``dad.logits.npy``: the same for the DAD image
 ==================  ==========================================================================
 
 Decoded (``decode_sample``, ``ShardDataset``) a sample is a dict ``{"__key__": str, "image":
@@ -56,10 +59,13 @@ IMAGE_FIELDS = ("png", "jpg")
 LABEL = "cls"
 LOGITS, DAD_IMAGE, DAD_LOGITS = "logits.npy", "dad.png", "dad.logits.npy"
 FEATS, AUG_FEATS, AUG_LOGITS = "feats.npy", "aug.feats.npy", "aug.logits.npy"
+TOPK_INDEX, TOPK_LOGP = "topk.index.npy", "topk.logp.npy"
+DAD_TOPK_INDEX, DAD_TOPK_LOGP = "dad.topk.index.npy", "dad.topk.logp.npy"
 MANIFEST = "manifest.json"
 # stored field -> decoded name, for the optional fields
 _OPTIONAL = {LOGITS: "logits", DAD_IMAGE: "dad_image", DAD_LOGITS: "dad_logits", FEATS: "feats",
-             AUG_FEATS: "aug_feats", AUG_LOGITS: "aug_logits"}
+             AUG_FEATS: "aug_feats", AUG_LOGITS: "aug_logits", TOPK_INDEX: "topk_index", TOPK_LOGP: "topk_logp",
+             DAD_TOPK_INDEX: "dad_topk_index", DAD_TOPK_LOGP: "dad_topk_logp"}
 # What np.load raises on bytes that are not a .npy array.
 _NOT_NPY = (ValueError, OSError, EOFError)
 # What reading a damaged tar stream raises (tarfile's errors, I/O errors of the stream, webdataset's

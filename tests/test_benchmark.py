@@ -77,7 +77,8 @@ def test_modules_export_folders_and_specs_are_scored_alike(tmp_path, digits_test
     assert len(set(accuracies.values())) == 1, accuracies  # the bare timm model was normalised like the rest
     clean, again = accuracies["folder"]
     assert clean == again and report["per_set"]["folder"]["again"]["n"] == 450
-    assert set(report["eval"]) == {"sets", "seed", "seconds"}
+    assert set(report["eval"]) == {"sets", "seed", "frost", "seconds"}
+    assert report["eval"]["sets"]["again"]["shifted"] is True and "imagecorruptions" in report["eval"]["frost"]
 
 
 def test_errors_say_what_to_do(digits_test):

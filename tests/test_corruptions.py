@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 
 import cv2
@@ -15,14 +16,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_corruptions import from_uint8_hwc, to_uint8_hwc
 from scipy.ndimage import gaussian_filter, map_coordinates
 
 import robust.eval.corruptions as corruptions
 from robust.eval.corruptions import ALL, corrupt
 from robust.eval.corruptions import _filters as ops
 from robust.eval.corruptions.blur import local_copies
+from robust.eval.corruptions.digital import box_then_nearest
 from robust.eval.corruptions.noise import poisson_8bit
-from robust.eval.corruptions.weather import frost_texture_source, frost_textures
+from robust.eval.corruptions.weather import FROST_FILES, frost_photo_paths, frost_texture_source
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # pkg_resources deprecation
@@ -107,6 +110,15 @@ def test_cpu_chunks_give_the_same_images_as_one_batch(monkeypatch: pytest.Monkey
     assert torch.equal(noisy, corrupt(x, "gaussian_noise", 3, generator=seeded(4)))
 
 
+def test_cpu_batches_above_a_huge_page_give_the_same_images():
+    # Their output is memory advised for huge pages; image by image it is an ordinary tensor.
+    x = images(192, batch=5)
+    assert x.numel() * 4 >= corruptions.HUGE_PAGE_BYTES > x[:1].numel() * 4
+    for name in ("contrast", "pixelate", "jpeg_compression"):
+        alone = torch.cat([corrupt(x[i : i + 1], name, 3) for i in range(5)])
+        torch.testing.assert_close(corrupt(x, name, 3), alone, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("name", RANDOM)
 def test_random_corruptions_follow_the_generator(name: str):
     x = images(32, batch=2)
@@ -171,6 +183,28 @@ def test_deterministic_corruptions_match_imagecorruptions(name: str, size: int):
         ref = torch.from_numpy(np.array(ref)).permute(2, 0, 1)[None].float() / 255
         ours = torch.floor(corrupt(x, name, severity) * 255 + 1e-3) / 255  # the package truncates to uint8
         assert _psnr(ours, ref) > 40, (name, severity, _psnr(ours, ref))
+
+
+@pytest.mark.parametrize("name", ["pixelate", "jpeg_compression"])
+def test_pixelate_and_jpeg_equal_imagecorruptions_exactly(name: str):
+    img, x = _photo(61)
+    for severity in SEVERITIES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = np.array(imagecorruptions.corrupt(img, severity=severity, corruption_name=name))
+        assert torch.equal(corrupt(x, name, severity), from_uint8_hwc(ref[None])), (name, severity)
+
+
+def test_pixelate_off_the_cpu_equals_pil_resizing():
+    # Other devices take products of banded matrices instead of PIL's own resize; run them here.
+    from PIL import Image
+
+    x = torch.floor(torch.cat([images(61, batch=2), _photo(61)[1]]) * 255 + 0.5) / 255  # on the 8-bit grid
+    for small_h, small_w in ((36, 36), (30, 18), (24, 24), (18, 30), (15, 15), (1, 2)):
+        ours = box_then_nearest(x, small_h, small_w)
+        for img, out in zip(to_uint8_hwc(x), ours):
+            ref = Image.fromarray(img).resize((small_w, small_h), Image.BOX).resize((61, 61), Image.NEAREST)
+            assert torch.equal(out, from_uint8_hwc(np.array(ref)[None])[0]), (small_h, small_w)
 
 
 def test_motion_blur_equals_the_reference_kernel_at_a_given_angle():
@@ -282,15 +316,39 @@ def test_readme_tables_are_the_benchmark_results():
 # ---- frost textures, devices
 
 
-def test_frost_uses_the_installed_photos_and_has_a_procedural_fallback():
-    assert frost_texture_source().endswith("frost")  # imagecorruptions is a dev dependency
-    photo = frost_textures(frost_texture_source())[3]
-    assert photo.shape == (3, 350, 527) and photo.dtype == torch.uint8
-    procedural = frost_textures("procedural")
-    assert len(procedural) == 5 and all(t.dtype == torch.uint8 and t.shape == (3, 320, 448) for t in procedural)
-    means = torch.stack([t.float().mean() / 255 for t in procedural])
-    assert ((means > 0.3) & (means < 0.85)).all() and min(t.float().std() / 255 for t in procedural) > 0.05
-    assert not torch.equal(procedural[0], procedural[1])
+def test_frost_source_is_the_installed_package_photographs():
+    folder = Path(imagecorruptions.__file__).parent / "frost"
+    assert frost_photo_paths() == tuple(folder / name for name in FROST_FILES)
+    assert frost_texture_source() == f"imagecorruptions {version('imagecorruptions')} frost photographs"
+
+
+def test_frost_overlays_a_window_of_a_package_photograph_as_the_reference_scales_it():
+    # On a black image frost is amount * a crop of one photo, resized like the reference (cv2, BGR file).
+    amount = 0.4  # severity 1
+    out = corrupt(torch.zeros(1, 3, 40, 48), "frost", 1, generator=seeded(3))[0].permute(1, 2, 0).numpy() / amount
+    h, w = out.shape[:2]
+    for path in frost_photo_paths():
+        photo = cv2.imread(str(path))
+        scale = 1.1 * max(1.0, h / photo.shape[0], w / photo.shape[1])
+        size = (int(np.ceil(photo.shape[1] * scale)), int(np.ceil(photo.shape[0] * scale)))
+        big = cv2.resize(photo, dsize=size, interpolation=cv2.INTER_CUBIC)[..., ::-1].astype(np.float64) / 255
+        close = np.abs(big[: big.shape[0] - h, : big.shape[1] - w] - out[0, 0]).max(-1) <= 1.5 / 255
+        for top, left in zip(*np.nonzero(close)):
+            if np.abs(big[top : top + h, left : left + w] - out).max() <= 1.5 / 255:
+                return
+    raise AssertionError("the frost overlay is no window of the package's photographs")
+
+
+def test_frost_without_the_package_photographs_says_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # An installed imagecorruptions distribution without its frost folder shadows the real one.
+    info = tmp_path / "imagecorruptions-0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: imagecorruptions\nVersion: 0.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="pip install"):
+        frost_photo_paths()
+    with pytest.raises(ValueError, match="pip install"):
+        frost_texture_source()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,16 +1,18 @@
 """Digital corruptions: brightness, contrast, saturate, elastic transform, pixelate, JPEG.
 
 Per-severity parameters are imagecorruptions' (the ImageNet-C code). Brightness and saturate change V
-or S of scikit-image's HSV, in closed form on RGB; pixelate reproduces PIL's BOX-down / NEAREST-up
-resize; JPEG goes through libjpeg (torchvision.io) at the PIL quality, on the CPU.
+or S of scikit-image's HSV, in closed form on RGB; pixelate reproduces PIL's 8-bit BOX-down / NEAREST-up
+resize; JPEG goes through libjpeg (OpenCV's) at the PIL quality, on the CPU.
 """
 
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
+import cv2
+import numpy as np
 import torch
-from torchvision.io import decode_jpeg, encode_jpeg
 
 from robust.eval.corruptions import register
 from robust.eval.corruptions._filters import AxisMap, along_h, along_w, axis_map, gaussian_blur, rand, warp
@@ -62,22 +64,30 @@ def elastic_transform(x: Tensor, severity: int, generator: torch.Generator | Non
 
 @register("pixelate")
 def pixelate(x: Tensor, severity: int, generator: torch.Generator | None) -> Tensor:
+    # The reference: PIL's BOX resize down to int(n * factor) samples, then NEAREST back to n.
     factor = (0.6, 0.5, 0.4, 0.3, 0.25)[severity - 1]
     h, w = x.shape[-2:]
-    return along_h(along_w(x, _pixelate_map(w, factor, x.device, x.dtype)), _pixelate_map(h, factor, x.device, x.dtype))
+    return box_then_nearest(x, max(1, int(h * factor)), max(1, int(w * factor)))  # PIL fails below 1
+
+
+def box_then_nearest(x: Tensor, small_h: int, small_w: int) -> Tensor:
+    """PIL's BOX resize of 8-bit images to (small_h, small_w), then NEAREST back: along W, rounded to the
+    8-bit grid, then along H, rounded again, as PIL does; then PIL's nearest pixels are gathered."""
+    h, w = x.shape[-2:]
+    small = _round_8bit(along_w(x, _box_map(w, small_w, x.device, x.dtype)))
+    small = _round_8bit(along_h(small, _box_map(h, small_h, x.device, x.dtype)))
+    small = small.index_select(-1, _nearest_index(small_w, w, x.device))
+    return small.index_select(-2, _nearest_index(small_h, h, x.device))
+
+
+def _round_8bit(x: Tensor) -> Tensor:
+    """To the nearest grey level, halves up as PIL's fixed point (1e-3 of a level absorbs float32 error)."""
+    return x.mul_(255).add_(0.5 + 1e-3).floor_().div_(255)
 
 
 @functools.lru_cache(maxsize=64)
-def _pixelate_map(n: int, factor: float, device: torch.device, dtype: torch.dtype) -> AxisMap:
-    """PIL's BOX resize from n to int(n * factor) samples then NEAREST back to n, as one (n, n) map."""
-    small = max(1, int(n * factor))  # the reference (PIL) fails below 1
-    up = torch.zeros(small, n, dtype=torch.float64)
-    up[_nearest_index(small, n), torch.arange(n)] = 1
-    return axis_map(_box_matrix(n, small).T @ up, device, dtype)
-
-
-def _box_matrix(n_in: int, n_out: int) -> Tensor:
-    """PIL's BOX resampling weights (precompute_coeffs), shape (n_out, n_in)."""
+def _box_map(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> AxisMap:
+    """PIL's BOX resampling weights (precompute_coeffs) from n_in to n_out samples."""
     scale = n_in / n_out
     filterscale = max(scale, 1.0)
     support = 0.5 * filterscale
@@ -85,18 +95,20 @@ def _box_matrix(n_in: int, n_out: int) -> Tensor:
     src = torch.arange(n_in, dtype=torch.float64)[None, :]
     lo = torch.floor(center - support + 0.5).clamp_min(0)
     hi = torch.floor(center + support + 0.5).clamp_max(n_in)
-    t = (src - center + 0.5) / filterscale
+    t = (src - center + 0.5) * (1 / filterscale)  # as PIL computes it: a pixel on the edge can drop out
     weight = ((t > -0.5) & (t <= 0.5) & (src >= lo) & (src < hi)).double()
-    return weight / weight.sum(1, keepdim=True)
+    return axis_map((weight / weight.sum(1, keepdim=True)).T, device, dtype)
 
 
-def _nearest_index(n_in: int, n_out: int) -> Tensor:
-    """PIL's NEAREST resize source index: a running sum of in/out from half a step (ImagingScaleAffine)."""
+@functools.lru_cache(maxsize=64)
+def _nearest_index(n_in: int, n_out: int, device: torch.device) -> Tensor:
+    """PIL's NEAREST resize source index: a running sum of in/out from half a step (ImagingScaleAffine);
+    torch's "nearest-exact" rounds its exact halves either way."""
     step, pos, out = n_in / n_out, 0.5 * n_in / n_out, []
     for _ in range(n_out):
         out.append(int(pos))
         pos += step
-    return torch.tensor(out)
+    return torch.tensor(out, device=device)
 
 
 JPEG_QUALITY = (25, 18, 15, 10, 7)  # PIL's quality per severity
@@ -104,9 +116,24 @@ JPEG_QUALITY = (25, 18, 15, 10, 7)  # PIL's quality per severity
 
 @register("jpeg_compression")
 def jpeg_compression(x: Tensor, severity: int, generator: torch.Generator | None) -> Tensor:
-    # libjpeg on the CPU, as PIL: the same quality tables and 4:2:0 chroma, so the same bytes. (nvJPEG on
-    # CUDA would save the copy, but its output has not been checked against PIL.)
-    quality = JPEG_QUALITY[severity - 1]
-    images = list(x.mul(255).round_().to(torch.uint8).cpu())
-    decoded = decode_jpeg(encode_jpeg(images, quality=quality))
-    return torch.stack(decoded).to(x.device, x.dtype).div_(255)
+    # OpenCV's libjpeg round trip gives PIL's pixels (the same quality tables, 4:2:0 chroma and decoder;
+    # OpenCV reads and writes BGR). On the CPU for any device (nvJPEG's output has not been checked
+    # against PIL), image by image over a thread pool: OpenCV releases the GIL, and per image the
+    # conversions (rounding to uint8, interleaving the planes) stay in the cache.
+    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY[severity - 1]]
+    x_cpu = x.cpu()
+    out = torch.empty_like(x_cpu)
+
+    def round_trip(i: int) -> None:
+        bgr = cv2.merge([cv2.convertScaleAbs(plane, alpha=255) for plane in x_cpu[i].numpy()[::-1]])
+        decoded = cv2.imdecode(cv2.imencode(".jpg", bgr, params)[1], cv2.IMREAD_COLOR)
+        for plane, out_plane in zip(cv2.split(decoded), out[i].numpy()[::-1]):
+            np.divide(plane, 255, out=out_plane, dtype=np.float32)
+
+    list(_image_pool().map(round_trip, range(len(x_cpu))))
+    return out.to(x.device)
+
+
+@functools.cache
+def _image_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(torch.get_num_threads())

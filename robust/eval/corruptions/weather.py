@@ -1,14 +1,14 @@
 """Weather corruptions: snow, frost, fog, spatter.
 
-Per-severity parameters are imagecorruptions' (the ImageNet-C code). Frost overlays the package's
-frost photographs when it is installed (read from its folder at run time, never copied into this repo),
-else procedural textures: ``frost_texture_source()`` says which.
+Per-severity parameters are imagecorruptions' (the ImageNet-C code). Frost overlays that package's
+frost photographs, read from its installed folder (a runtime dependency; the package itself is never
+imported, as it needs pkg_resources): ``frost_texture_source()`` names them for reports.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import torch
@@ -93,7 +93,7 @@ def _colour(rgb: tuple[int, int, int], like: Tensor) -> Tensor:
 def frost(x: Tensor, severity: int, generator: torch.Generator | None) -> Tensor:
     keep, amount = ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))[severity - 1]
     b, _, h, w = x.shape
-    textures = _fitted_frost(frost_texture_source(), h, w, x.device)
+    textures = _fitted_frost(h, w, x.device)
     pick = randint(0, len(textures), b, like=x, generator=generator).tolist()
     corner = rand(b, 2, like=x, generator=generator).tolist()
     out = x * keep
@@ -104,52 +104,40 @@ def frost(x: Tensor, severity: int, generator: torch.Generator | None) -> Tensor
     return out
 
 
-@functools.cache
 def frost_texture_source() -> str:
-    """The folder of imagecorruptions' frost photos when the package is installed, else "procedural"."""
-    spec = importlib.util.find_spec("imagecorruptions")  # finds the folder without importing the package
-    if spec is not None and spec.submodule_search_locations:
-        folder = Path(next(iter(spec.submodule_search_locations))) / "frost"
-        if all((folder / name).is_file() for name in FROST_FILES):
-            return str(folder)
-    return "procedural"
+    """What frost overlays, in words for reports: "imagecorruptions <version> frost photographs"."""
+    frost_photo_paths()  # raises if they are missing
+    return f"imagecorruptions {distribution('imagecorruptions').version} frost photographs"
 
 
-@functools.lru_cache(maxsize=2)
-def frost_textures(source: str) -> tuple[Tensor, ...]:
-    """Five uint8 RGB (3, h, w) frost textures on the CPU, from ``frost_texture_source()``'s answer."""
-    if source == "procedural":
-        return tuple(_procedural_frost(seed) for seed in range(len(FROST_FILES)))
-    return tuple(decode_image(str(Path(source) / name), mode=ImageReadMode.RGB) for name in FROST_FILES)
+def frost_photo_paths() -> tuple[Path, ...]:
+    """The installed imagecorruptions' frost photographs that the reference draws from, found through the
+    package's metadata (importing the package would need pkg_resources)."""
+    try:
+        folder = Path(distribution("imagecorruptions").locate_file("imagecorruptions/frost"))
+    except PackageNotFoundError:
+        raise ValueError("frost overlays the imagecorruptions package's photos: pip install imagecorruptions") from None
+    paths = tuple(folder / name for name in FROST_FILES)
+    if not all(path.is_file() for path in paths):
+        raise ValueError(f"{folder} lacks some of {FROST_FILES}: pip install --force-reinstall imagecorruptions")
+    return paths
+
+
+@functools.cache
+def frost_textures() -> tuple[Tensor, ...]:
+    """The frost photographs, uint8 RGB (3, h, w) on the CPU."""
+    return tuple(decode_image(str(path), mode=ImageReadMode.RGB) for path in frost_photo_paths())
 
 
 @functools.lru_cache(maxsize=8)
-def _fitted_frost(source: str, h: int, w: int, device: torch.device) -> tuple[Tensor, ...]:
+def _fitted_frost(h: int, w: int, device: torch.device) -> tuple[Tensor, ...]:
     """The textures as the reference scales them: 1.1x the scale that covers (h, w) (never below 1.1),
     bicubic like cv2.INTER_CUBIC, back on the 8-bit grid; float [0, 1] on ``device``."""
     out = []
-    for tex in frost_textures(source):
+    for tex in frost_textures():
         th, tw = tex.shape[-2:]
         scale = max(1.0, h / th, w / tw) * 1.1
         size = (int(-(-th * scale // 1)), int(-(-tw * scale // 1)))  # ceil
         big = F.interpolate(tex[None].to(device, torch.float32), size=size, mode="bicubic", align_corners=False)
         out.append(big[0].round().clamp(0, 255) / 255)
     return tuple(out)
-
-
-def _procedural_frost(seed: int, size: tuple[int, int] = (320, 448)) -> Tensor:
-    """A frost-like texture for when the package's photos are absent: a cloudy diamond-square layer plus
-    ice needles (sparse seeds, denser where the cloud is bright, smeared along four directions), pale
-    blue-grey; uint8 (3, *size) on the CPU."""
-    g = torch.Generator().manual_seed(seed)
-    like = torch.empty(0)
-    h, w = size
-    mapsize = 1 << (max(h, w) - 1).bit_length()
-    cloud = plasma_fractal(1, mapsize, 1.8, like=like, generator=g)[:, None, :h, :w]
-    seeds = (rand(1, 1, h, w, like=like, generator=g) < 0.02 * cloud).float().expand(4, 1, h, w)
-    angles = torch.tensor([0.0, 45.0, 90.0, 135.0]) + rand(4, like=like, generator=g) * 30
-    needles = motion_blur(seeds, 8, 4.0, angles).sum(0, keepdim=True)
-    needles = needles / needles.amax()
-    grey = (0.25 + 0.45 * cloud + 0.6 * needles.sqrt()).clamp(0, 1)
-    tint = torch.tensor([0.85, 0.93, 1.0]).view(1, 3, 1, 1)
-    return (grey * tint * 255).round().to(torch.uint8)[0]

@@ -28,6 +28,7 @@ def _cfg(small_shards, tmp_path, *overrides: str) -> RptConfig:
         f"data.train_shards={small_shards['train']}", f"data.test_shards={small_shards['test']}",
         f"large.timm.checkpoint={large}", f"robust_teacher.checkpoint={teacher}", f"run.out_dir={tmp_path}",
         "optim.micro_batch_size=16", "run.epochs=1", "run.checkpoint_every=1000", "ray.check_resources=false",
+        "run.cache_copies=2", "augmented.deepaugment.train_steps=20",
         "eval.corruptions=[gaussian_noise]", "eval.severities=[3]", *overrides])
 
 
@@ -39,7 +40,8 @@ def test_rpt_and_full_finetuning_train_their_parts_and_wise_ft_interpolates(ray_
     assert set(report["models"]) == {"rpt", "apt", "full_finetune", "wise_ft_0.5"}
     assert len(list((out / "feature_cache").iterdir())) == 1  # the partially tuned methods share one cache
     rows = [json.loads(line) for line in (out / "rpt" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == (192 + 1) // 32 and {"ce_clean", "kd_unclean", "ce_combined"} <= set(rows[-1])
+    # an epoch: the 192 clean samples and half (augmented.fraction) of their AugMix and DeepAugment candidates
+    assert rows[-1]["step"] == (192 + 192) // 32 and {"ce_clean", "kd_unclean", "ce_combined"} <= set(rows[-1])
     assert np.isfinite([r["loss"] for r in rows]).all() and rows[-1]["loss"] < rows[0]["loss"]
     meta = json.loads((out / "rpt" / "model.json").read_text())
     assert meta["param_counts"] == counts and counts["tuned"] < counts["total"]
@@ -66,7 +68,7 @@ def test_the_zero_shot_clean_head_teacher_is_the_initial_clip_model(tiny_clip, t
     producer = RptProducer(large, TimmConfig(name="test_resnet", num_classes=10), "rpt", features=False, precision="fp32")
     models = producer.build(torch.device("cpu"))
     x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    out = producer.produce(models, {B.IMAGE: x, B.AUG_IMAGE: x}, device=torch.device("cpu"))
+    out = producer.produce(models, {B.IMAGE: x, B.AUGMENTED: np.zeros(4, dtype=bool)}, device=torch.device("cpu"))
     with torch.no_grad():
         expected = build_clip_teacher(clip)(B.images(x, "cpu"))
     torch.testing.assert_close(out["teacher_logits"], expected)

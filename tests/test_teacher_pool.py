@@ -21,14 +21,13 @@ from cluster.engine.prepare import Augment
 from cluster.engine.streams import sample_stream
 from cluster.engine.teacher_pool import through_pool
 from cluster.jobs.dad import DistillProducer
-from cluster.jobs.robust_teacher import DeepAugmentProducer
+from cluster.engine.deepaugment import DeepAugmentProducer
 from robust.attacks.dad import DADConfig
 from robust.deepaugment import DeepAugConfig, build_autoencoder
 from robust.distill import TeacherConfig, build_teacher
 from robust.models.clip_teacher import ClipTeacherConfig
 from robust.models.timm_models import TimmConfig
 from robust.models.vqgan import VQGAN_PRESETS, VQGANConfig
-from robust.teacher_train import RobustTeacherConfig
 from robust.train_transforms import TrainAugConfig
 
 TINY_VQ = VQGANConfig(**{**VQGAN_PRESETS["digits32_f4_128"], "n_embed": 16})
@@ -135,8 +134,8 @@ def test_deepaugment_draws_its_networks_from_the_batch_not_the_actor():
     # Every DeepAugment actor used the same seed, so the first batch of every actor went through the same
     # perturbed networks. Now a batch's networks come from its samples' seeds: the same batch gives the
     # same copies whichever actor (or call order) makes it, and other batches other networks.
-    train = RobustTeacherConfig(deepaugment=DeepAugConfig(images_per_copy=4))
-    producer = DeepAugmentProducer(build_autoencoder(train.deepaugment).state_dict(), train)
+    cfg = DeepAugConfig(images_per_copy=4)
+    producer = DeepAugmentProducer(build_autoencoder(cfg).state_dict(), cfg)
     x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
 
     def batch(seeds):

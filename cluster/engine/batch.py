@@ -2,8 +2,7 @@
 object store -> student workers, and generated shards), with its dtype and per-row shape.
 
 Symbolic dims tie columns together: every image column of a batch has the same (H, W), every logits
-column the same K, every top-k column the same k; "F" is a feature shape (any rank), shared by ``feats``
-and ``aug_feats``. ``build``
+column the same K, every top-k column the same k; "F" is a feature shape (any rank). ``build``
 makes a batch from arrays or tensors (cast to the declared dtype, checked); ``validate`` checks one that
 arrived. Rows with ``valid`` False are placeholders for samples that could not be used (undecodable,
 label out of range, lost in a truncated shard): they keep the per-epoch sample count exact and carry
@@ -29,7 +28,7 @@ class Column:
 KEY, EPOCH, SEED, VALID, SKIP_REASON, LABEL, TARGET = "key", "epoch", "seed", "valid", "skip_reason", "label", "target"
 IMAGE, TEACHER_LOGITS = "image", "teacher_logits"
 DAD_IMAGE, DAD_TEACHER_LOGITS = "dad_image", "dad_teacher_logits"
-AUG_IMAGE, AUG_TEACHER_LOGITS, FEATS, AUG_FEATS = "aug_image", "aug_teacher_logits", "feats", "aug_feats"
+AUGMENTED, ROBUST_LOGITS, FEATS = "augmented", "robust_logits", "feats"
 TEACHER_TOPK_INDEX, TEACHER_TOPK_LOGP = "teacher_topk_index", "teacher_topk_logp"
 DAD_TEACHER_TOPK_INDEX, DAD_TEACHER_TOPK_LOGP = "dad_teacher_topk_index", "dad_teacher_topk_logp"
 
@@ -52,10 +51,9 @@ COLUMNS: dict[str, Column] = {c.name: c for c in (
     Column(TEACHER_TOPK_LOGP, "float16", ("k",)),
     Column(DAD_TEACHER_TOPK_INDEX, "int32", ("k",)),  # the same on ``dad_image``
     Column(DAD_TEACHER_TOPK_LOGP, "float16", ("k",)),
-    Column(AUG_IMAGE, "uint8", ("H", "W", 3)),  # RPT: the augmented ("unclean") view of ``image``
-    Column(AUG_TEACHER_LOGITS, "float16", ("K",)),  # RPT: the robust teacher's logits on ``aug_image``
+    Column(AUGMENTED, "bool", ()),  # RPT: ``image`` is an augmented ("unclean") sample, beta = 0 of eq. 5
+    Column(ROBUST_LOGITS, "float16", ("K",)),  # RPT: the small robust teacher's logits on ``image``
     Column(FEATS, "float32", ("F",)),  # RPT feature cache: the frozen backbone on ``image``
-    Column(AUG_FEATS, "float32", ("F",)),  # ... on ``aug_image``
 )}
 ROW_COLUMNS = (KEY, EPOCH, SEED, VALID, SKIP_REASON, LABEL)  # every batch has these
 # A teacher logits column -> the columns of its compact form (its top-k classes and log-probabilities)
@@ -151,6 +149,7 @@ def nbytes(columns: Mapping[str, tuple[int, ...]]) -> int:
 # Generated shards (offline DAD, the feature cache) store columns under the shard schema's fields
 # (robust.data.shards): the image as "png", the rest as its optional fields.
 SHARD_FIELDS = {IMAGE: "png", TEACHER_LOGITS: "logits.npy", DAD_IMAGE: "dad.png", DAD_TEACHER_LOGITS: "dad.logits.npy",
-                AUG_TEACHER_LOGITS: "aug.logits.npy", FEATS: "feats.npy", AUG_FEATS: "aug.feats.npy",
+                ROBUST_LOGITS: "aug.logits.npy", FEATS: "feats.npy",
                 TEACHER_TOPK_INDEX: "topk.index.npy", TEACHER_TOPK_LOGP: "topk.logp.npy",
-                DAD_TEACHER_TOPK_INDEX: "dad.topk.index.npy", DAD_TEACHER_TOPK_LOGP: "dad.topk.logp.npy"}
+                DAD_TEACHER_TOPK_INDEX: "dad.topk.index.npy", DAD_TEACHER_TOPK_LOGP: "dad.topk.logp.npy",
+                TARGET: "target.npy"}

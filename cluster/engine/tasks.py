@@ -128,7 +128,8 @@ class DatTask(DistillTask):
 class RptTask:
     """RPT or one of its baselines (robust.rpt.baselines.METHODS): DeepSpeed trains the tuned part and
     the heads; the frozen backbone M_b runs outside the engine (no optimizer state), or not at all when
-    the batches carry its cached features."""
+    the batches carry its cached features. A row is a clean or an augmented sample (``batch.AUGMENTED``);
+    the methods trained on clean samples only (linear probe, full fine-tuning, VPT) skip the augmented ones."""
 
     method: str
     partial: PartialConfig
@@ -140,33 +141,28 @@ class RptTask:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"RPT method {self.method!r} is unknown; use one of {sorted(METHODS)}")
-        inputs = (B.FEATS, B.AUG_FEATS) if self.cached else (B.IMAGE, B.AUG_IMAGE)
-        self.needs = (*inputs[: self.views], B.TEACHER_LOGITS, B.AUG_TEACHER_LOGITS)
-
-    @property
-    def views(self) -> int:
-        return 2 if METHODS[self.method].augmented else 1  # linear probe, full FT and VPT: clean only
+        self.needs = (B.FEATS if self.cached else B.IMAGE, B.AUGMENTED, B.TEACHER_LOGITS, B.ROBUST_LOGITS)
 
     def build(self) -> nn.Module:
         self._student = build_method(self.method, self.partial)
         return self._student.tuned
 
-    def loss(self, forward: Forward, rows: dict[str, np.ndarray], *, device: torch.device) -> tuple[Tensor, Terms]:
-        views = self.views
+    def _feats(self, rows: dict[str, np.ndarray], device: torch.device) -> Tensor:
         if self.cached:
-            feats_B = torch.cat([B.tensor(rows, B.FEATS, device), B.tensor(rows, B.AUG_FEATS, device)][:views])
-        else:  # M_b in eval mode without autograd (robust.rpt.partial.FrozenBackbone)
-            backbone = self._student.backbone.to(device)
-            feats_B = backbone(torch.cat([B.images(rows[B.IMAGE], device), B.images(rows[B.AUG_IMAGE], device)][:views]))
-        logits = {head: s.float() for head, s in forward(feats_B).items()}
-        n = len(rows[B.LABEL])
-        y = B.tensor(rows, B.LABEL, device).repeat(views)
-        init = B.tensor(rows, B.TEACHER_LOGITS, device).float()
-        robust = B.tensor(rows, B.AUG_TEACHER_LOGITS, device).float()
+            return B.tensor(rows, B.FEATS, device)
+        return self._student.backbone.to(device)(B.images(rows[B.IMAGE], device))  # eval mode, no autograd
+
+    def loss(self, forward: Forward, rows: dict[str, np.ndarray], *, device: torch.device) -> tuple[Tensor, Terms]:
+        keep = np.ones(len(rows[B.LABEL]), dtype=bool) if METHODS[self.method].augmented else ~rows[B.AUGMENTED]
+        if not keep.any():  # augmented rows only, for a clean-only method: a zero step keeps the ranks in lock-step
+            logits = forward(self._feats({k: v[:1] for k, v in rows.items()}, device))
+            return sum(s.float().sum() for s in logits.values()) * 0, {}
+        rows = {k: v[keep] for k, v in rows.items()}
+        logits = {head: s.float() for head, s in forward(self._feats(rows, device)).items()}
         # each teacher's rows are the samples it teaches (eq. 3: clean, eq. 4: augmented); the rest are unread
-        loss, sums = rpt_loss(logits, y, is_aug_B=torch.arange(n * views, device=device) >= n,
-                              t_init_logits=torch.cat([init, torch.zeros_like(init)])[: n * views],
-                              t_robust_logits=torch.cat([torch.zeros_like(robust), robust])[: n * views],
+        loss, sums = rpt_loss(logits, B.tensor(rows, B.LABEL, device), is_aug_B=B.tensor(rows, B.AUGMENTED, device),
+                              t_init_logits=B.tensor(rows, B.TEACHER_LOGITS, device).float(),
+                              t_robust_logits=B.tensor(rows, B.ROBUST_LOGITS, device).float(),
                               cfg=method_loss_config(self.method, self.loss_cfg))
         return loss, {k: v / sums["n"] for k, v in sums.items() if k != "n" and not k.startswith("n_")}
 

@@ -1,43 +1,35 @@
 """The robust-teacher job: RPT's small robust teacher trained on the student pool (SPEC 6) with AugMix
 (+ JSD), PixMix and DeepAugment, any combination (AugMix + DeepAugment by default, as in the paper).
 
-DeepAugment copies are generated once by the teacher pool (the image-to-image autoencoder:
-``train.deepaugment.checkpoint``, else trained briefly on the first ``deepaugment_fit_images`` crops),
-``train.deepaugment.copies`` copies of the training set, written as extra shards; the students then
-stream the original and the DeepAugment shards together and make the AugMix / PixMix views themselves.
+DeepAugment copies are generated once by the teacher pool (``cluster.engine.deepaugment``; the
+image-to-image autoencoder: ``train.deepaugment.checkpoint``, else trained briefly on the first
+``deepaugment_fit_images`` crops), ``train.deepaugment.copies`` copies of the training set, written as extra
+shards; the students then stream the original and the DeepAugment shards together and make the AugMix /
+PixMix views themselves.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
 
 from cluster.engine import batch as B
+from cluster.engine.deepaugment import check_deepaugment, deepaugment_shards
 from cluster.engine.deepspeed_config import OptimConfig
 from cluster.engine.evaluate import EvalConfig, check_eval, evaluate_models, held_out_set
 from cluster.engine.pools import PoolsConfig, check_pools
 from cluster.engine.prepare import Augment
 from cluster.engine.ray_cluster import RayConfig
 from cluster.engine.runner import (
-    DataConfig, RunConfig, begin_training, check_classes, check_data, check_model, check_path, check_run, report_seeds,
-    run_dir, seed_dir, seeds, steps_per_epoch, train,
+    DataConfig, RunConfig, begin_training, check_classes, check_data, check_model, check_run, report_seeds, run_dir,
+    seed_dir, seeds, steps_per_epoch, train,
 )  # fmt: skip
-from cluster.engine.streams import ResumePoint, count_samples, generate_once, sample_stream, write_generated
+from cluster.engine.streams import ResumePoint, count_samples, sample_stream
 from cluster.engine.tasks import RobustTeacherTask
-from cluster.engine.teacher_pool import through_pool
 from cluster.engine.tracking import LoggingConfig, check_logging
-from robust.deepaugment import autoencoder_for, build_autoencoder, deepaugment
 from robust.eval.sets import timm_data_config
 from robust.models.timm_models import TimmConfig
-from robust.seeding import combine
 from robust.teacher_train import RobustTeacherConfig, check_augmentations
 from robust.train_transforms import TrainAugConfig, check_train_aug
-
 
 @dataclass
 class TeacherRunConfig(RunConfig):
@@ -61,26 +53,6 @@ class RobustTeacherJobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-@dataclass
-class DeepAugmentProducer:
-    """The teacher pool's work: DeepAugment images, a perturbed copy of the autoencoder per
-    ``images_per_copy`` images drawn from the batch's seeds (so no two actors repeat a network)."""
-
-    state: dict[str, torch.Tensor]
-    train: RobustTeacherConfig
-
-    def build(self, device: torch.device) -> Any:
-        net = build_autoencoder(dataclasses.replace(self.train.deepaugment, checkpoint=None))
-        net.load_state_dict(self.state)
-        return net.to(device).eval()
-
-    def produce(self, net: Any, batch: dict[str, np.ndarray], *, device: torch.device) -> dict:
-        x = torch.from_numpy(np.ascontiguousarray(batch[B.IMAGE])).permute(0, 3, 1, 2)
-        out = deepaugment(x, net, self.train.deepaugment, generator=torch.Generator().manual_seed(combine(batch[B.SEED])))
-        # copy c of a sample is its epoch-c crop; its key says which copy it is
-        return {B.IMAGE: out.permute(0, 2, 3, 1), B.KEY: [f"da{e}-{k}" for e, k in zip(batch[B.EPOCH], batch[B.KEY])]}
-
-
 def check(cfg: RobustTeacherJobConfig) -> int:
     manifest = check_data(cfg.data, what="the robust teacher")
     check_run(cfg.run)
@@ -88,32 +60,14 @@ def check(cfg: RobustTeacherJobConfig) -> int:
     check_pools(cfg.pools)
     steps_per_epoch(manifest.total, cfg.pools, cfg.optim)  # the optimizer config, and one global batch at least
     check_model(cfg.train.model, key="train.model")
-    check_path(cfg.train.deepaugment.checkpoint, key="train.deepaugment.checkpoint", what="an autoencoder state_dict")
+    if "deepaugment" in cfg.train.augmentations:
+        check_deepaugment(cfg.train.deepaugment, cfg.deepaugment_fit_images, crop_size=cfg.augment.crop_size,
+                          key="train.deepaugment", fit_key="deepaugment_fit_images")
     check_augmentations(cfg.train)
     check_train_aug(cfg.augment)
     if cfg.data.test_shards:
         check_eval(cfg.eval, cfg.data.test_shards)
-    if cfg.train.deepaugment.copies < 1 or cfg.deepaugment_fit_images < 1:
-        raise ValueError("train.deepaugment.copies and deepaugment_fit_images must be >= 1")
     return check_classes(manifest.num_classes, model=cfg.train.model.num_classes)
-
-
-def deepaugment_shards(cfg: RobustTeacherJobConfig, out: Path, *, seed: int, classes: int) -> Path:
-    """``train.deepaugment.copies`` DeepAugment copies of the training set, generated once into ``out``."""
-    crops = Augment(cfg.augment, classes)
-
-    def make() -> int:
-        fit = sample_stream(cfg.data.train_shards, crops, epochs=1, seed=seed, batch_size=cfg.pools.teacher.batch_size,
-                            num_classes=classes, shuffle=False)
-        x_fit = fit.take_batch(cfg.deepaugment_fit_images)[B.IMAGE]
-        net = autoencoder_for(torch.from_numpy(np.array(x_fit)).permute(0, 3, 1, 2), cfg.train.deepaugment)
-        copies = sample_stream(cfg.data.train_shards, crops, epochs=cfg.train.deepaugment.copies, seed=seed,
-                               batch_size=cfg.train.deepaugment.images_per_copy * 4, num_classes=classes)
-        stream = through_pool(copies, DeepAugmentProducer(net.state_dict(), cfg.train), cfg.pools.teacher)
-        return write_generated(stream, out, columns=[B.IMAGE], desc="DeepAugment", num_classes=classes,
-                               total=cfg.train.deepaugment.copies * count_samples(cfg.data.train_shards))
-
-    return generate_once(out, make)
 
 
 def run(cfg: RobustTeacherJobConfig) -> dict:
@@ -124,7 +78,9 @@ def run(cfg: RobustTeacherJobConfig) -> dict:
         out, suffix = seed_dir(cfg.run, seed), f"-seed{seed}" if cfg.run.seeds else ""
         sources = [cfg.data.train_shards]
         if "deepaugment" in cfg.train.augmentations:
-            sources.append(str(deepaugment_shards(cfg, out / "deepaugment", seed=seed, classes=classes)))
+            sources.append(str(deepaugment_shards(
+                cfg.data.train_shards, out / "deepaugment", cfg=cfg.train.deepaugment, crop=cfg.augment,
+                fit_images=cfg.deepaugment_fit_images, seed=seed, classes=classes, pool=cfg.pools.teacher)))
         resume = ResumePoint.remote()
         stream = sample_stream(sources, Augment(cfg.augment, classes), epochs=cfg.run.epochs, seed=seed,
                                batch_size=cfg.pools.teacher.batch_size, num_classes=classes, resume=resume)

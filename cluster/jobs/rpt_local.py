@@ -40,6 +40,7 @@ OVERLAY: dict = {
     "robust_teacher": {"name": "test_resnet", "num_classes": 10},
     "augment": {"crop_size": 32, "scale": [0.7, 1.0], "ratio": [0.9, 1.1], "hflip": 0.0, "interpolation": "bilinear",
                 "color_jitter": 0.0},
+    "augmented": {"deepaugment_fit_images": 1347},  # the whole digits train split
     "optim": {"zero_stage": 2, "micro_batch_size": 64, "lr": 2e-3, "weight_decay": 0.01, "warmup_epochs": 0.5},
     "pools": {
         "teacher": {"min_actors": 1, "max_actors": 1, "gpus_per_actor": 0, "cpus_per_actor": 1, "batch_size": 64},

@@ -58,14 +58,15 @@ from robust.data.images import UndecodableImage, decode_image
 IMAGE_FIELDS = ("png", "jpg")
 LABEL = "cls"
 LOGITS, DAD_IMAGE, DAD_LOGITS = "logits.npy", "dad.png", "dad.logits.npy"
-FEATS, AUG_FEATS, AUG_LOGITS = "feats.npy", "aug.feats.npy", "aug.logits.npy"
+FEATS, AUG_LOGITS = "feats.npy", "aug.logits.npy"
 TOPK_INDEX, TOPK_LOGP = "topk.index.npy", "topk.logp.npy"
 DAD_TOPK_INDEX, DAD_TOPK_LOGP = "dad.topk.index.npy", "dad.topk.logp.npy"
+SOFT_TARGET = "target.npy"  # a mixed image's soft label (mixup / CutMix, label smoothing)
 MANIFEST = "manifest.json"
 # stored field -> decoded name, for the optional fields
 _OPTIONAL = {LOGITS: "logits", DAD_IMAGE: "dad_image", DAD_LOGITS: "dad_logits", FEATS: "feats",
-             AUG_FEATS: "aug_feats", AUG_LOGITS: "aug_logits", TOPK_INDEX: "topk_index", TOPK_LOGP: "topk_logp",
-             DAD_TOPK_INDEX: "dad_topk_index", DAD_TOPK_LOGP: "dad_topk_logp"}
+             AUG_LOGITS: "aug_logits", TOPK_INDEX: "topk_index", TOPK_LOGP: "topk_logp",
+             DAD_TOPK_INDEX: "dad_topk_index", DAD_TOPK_LOGP: "dad_topk_logp", SOFT_TARGET: "target"}
 # What np.load raises on bytes that are not a .npy array.
 _NOT_NPY = (ValueError, OSError, EOFError)
 # What reading a damaged tar stream raises (tarfile's errors, I/O errors of the stream, webdataset's

@@ -18,6 +18,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 N_SMALL = 192  # digits in the small training shard set
+EVEN = 256  # digits in 4 shards of 64: 8 teacher batches of 32 per epoch, equal halves for two ranks
 STORE = 150 * 2**20  # object store bytes of each node
 
 
@@ -134,3 +135,16 @@ def tiny_clip(tmp_path_factory):
     model = open_clip.create_model(f"local-dir:{folder}")
     save_file(model.state_dict(), folder / "open_clip_model.safetensors")
     return f"local-dir:{folder}"
+
+
+@pytest.fixture(scope="session")
+def even_shards(tmp_path_factory):
+    """EVEN digits in 4 shards of 64, nothing damaged."""
+    from robust.data.digits import digits_arrays
+    from robust.data.shards import encode_png, make_sample, write_shards
+
+    x, y, _, _ = digits_arrays()
+    out = tmp_path_factory.mktemp("even")
+    write_shards((make_sample(f"e{i:04d}", encode_png(x[i]), int(y[i])) for i in range(EVEN)), out,
+                 max_per_shard=64, num_classes=10)
+    return out

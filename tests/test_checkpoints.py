@@ -19,7 +19,7 @@ def _checkpoint(root: Path, stamp: str, *, world: int, step: int) -> Path:
         (part / "ce" / "ckpt" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"x" * (100 + rank))
         if rank == 0:
             (part / "ce" / "ckpt" / "mp_rank_00_model_states.pt").write_bytes(b"m" * 500)
-        write_manifest(part, rank=rank, world=world, step=step)
+        write_manifest(part, rank=rank, world=world, step=step, epoch=step // 4)
         for path in part.rglob("*"):
             target = folder / path.relative_to(part)
             if path.is_dir():

@@ -35,6 +35,9 @@ def test_data_digits_convert_and_verify(tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:-1024])  # damaged in transfer
     assert main(["data", "verify", str(out)]) == 2
     assert shard.name in capsys.readouterr().err
+    shard.write_bytes(b"")  # an empty shard
+    assert main(["data", "verify", str(out)]) == 2
+    assert shard.name in capsys.readouterr().err
     assert main(["data", "verify", str(tmp_path / "nowhere")]) == 2
     assert "robust-distill data convert" in capsys.readouterr().err
 

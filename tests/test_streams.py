@@ -3,6 +3,7 @@ from (run seed, epoch, sample key) only, so every method and every rerun sees th
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from cluster.engine import batch as B
 from cluster.engine.prepare import Augment
-from cluster.engine.streams import sample_stream
+from cluster.engine.streams import generated_stream, sample_stream, write_generated
 from robust.data.digits import digits_arrays
 from robust.data.shards import make_sample, write_shards
 from robust.train_transforms import TrainAugConfig
@@ -80,3 +81,22 @@ def test_a_samples_augmentation_depends_on_seed_epoch_and_key_only(ray_cluster, 
     assert np.mean([not np.array_equal(first[k][B.IMAGE], other_seed[k][B.IMAGE]) for k in valid]) > 0.9
     keys = [key for epoch, key in valid if epoch == 0]
     assert np.mean([not np.array_equal(first[(0, k)][B.IMAGE], first[(1, k)][B.IMAGE]) for k in keys]) > 0.9
+
+
+def test_generated_shards_keep_the_mixed_images_soft_targets(ray_cluster, small_shards, tmp_path):
+    # Offline DAD with mixup stores each mixed image with its soft label (it failed: no shard field for it).
+    mixed = dataclasses.replace(CROP, mixup=0.8, label_smoothing=0.1)
+    stream = sample_stream(str(small_shards["train"]), Augment(mixed, 10), epochs=1, seed=0, batch_size=32,
+                           num_classes=10, shuffle=False)
+    written = _rows(stream)
+    n = write_generated(stream, tmp_path / "gen", columns=[B.IMAGE, B.TARGET], total=len(written), desc="test",
+                        num_classes=10)
+    back = _rows(generated_stream(tmp_path / "gen", columns=[B.IMAGE, B.TARGET], epochs=1, seed=0, batch_size=32))
+    valid = [k for k, r in written.items() if r[B.VALID]]
+    assert n == len(valid) == len(back) and len(valid) > 100
+    for k in valid:
+        assert np.array_equal(back[k][B.IMAGE], written[k][B.IMAGE])
+        np.testing.assert_allclose(back[k][B.TARGET], written[k][B.TARGET], rtol=0, atol=0)
+    targets = np.stack([back[k][B.TARGET] for k in valid])
+    np.testing.assert_allclose(targets.sum(1), 1, atol=1e-6)
+    assert (targets.max(1) < 0.95).mean() > 0.5  # mixed: most rows are no one-hot

@@ -13,7 +13,7 @@ from cluster.engine.tasks import DatTask
 from robust.attacks.dad import DADConfig, dad_samples
 from robust.losses.objectives import ObjectiveConfig
 from robust.models.timm_models import TimmConfig
-from robust.models.vqgan import VQGAN_PRESETS, VQGANConfig, build_vqgan, discretize
+from robust.models.vqgan import VQGAN_PRESETS, VQGANConfig, discretize
 from robust.seeding import combine, generator
 
 VQ = VQGANConfig(**{**VQGAN_PRESETS["digits32_f4_128"], "n_embed": 16})

@@ -1,8 +1,8 @@
 """Policy and pool-size checks of KubeRay manifests; each failure says what to change.
 
 ``check_pools``: the worker groups hold the pools the recipe asks for, one custom-resource unit per teacher
-actor / student worker (what cluster/teacher_pool.py and cluster/student_pool.py request), with the GPUs the
-config gives them. ``check_manifests``: that, for every RayJob (pools read back from its entrypoint), plus
+actor / student worker (what cluster/engine/teacher_pool.py and cluster/engine/trainer.py request), with
+the GPUs the config gives them. ``check_manifests``: that, for every RayJob (pools read back from its entrypoint), plus
 non-root, no privilege escalation, read-only root, requests and limits on every container, ClusterIP-only
 head, token authentication and secrets only by reference.
 """

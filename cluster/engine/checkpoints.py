@@ -28,6 +28,7 @@ class Stored:
     filesystem: pafs.FileSystem
     world: int
     step: int
+    epoch: int  # the epoch the run resumes in (the read tasks start there)
 
 
 def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
@@ -36,14 +37,15 @@ def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(root).resolve())
 
 
-def write_manifest(rank_dir: Path, *, rank: int, world: int, step: int) -> None:
+def write_manifest(rank_dir: Path, *, rank: int, world: int, step: int, epoch: int) -> None:
     """After a rank wrote its files into ``rank_dir`` (its part of the checkpoint): their manifest, last."""
     files = {str(p.relative_to(rank_dir)): p.stat().st_size for p in rank_dir.rglob("*") if p.is_file()}
-    (rank_dir / f"rank{rank}.json").write_text(json.dumps({"world": world, "step": step, "files": files}))
+    (rank_dir / f"rank{rank}.json").write_text(json.dumps({"world": world, "step": step, "epoch": epoch,
+                                                           "files": files}))
 
 
-def _problem(filesystem: pafs.FileSystem, path: str) -> tuple[str | None, int, int]:
-    """(what is wrong or None, world size, step) of the checkpoint at ``path``."""
+def _problem(filesystem: pafs.FileSystem, path: str) -> tuple[str | None, dict]:
+    """(what is wrong or None, rank 0's manifest) of the checkpoint at ``path``."""
 
     def read(name: str) -> dict | None:
         try:
@@ -54,19 +56,18 @@ def _problem(filesystem: pafs.FileSystem, path: str) -> tuple[str | None, int, i
 
     first = read("rank0.json")
     if first is None:
-        return "rank 0's manifest rank0.json is missing or unreadable", 0, 0
-    world, step = int(first["world"]), int(first["step"])
-    for rank in range(world):
+        return "rank 0's manifest rank0.json is missing or unreadable", {}
+    for rank in range(int(first["world"])):
         manifest = first if rank == 0 else read(f"rank{rank}.json")
         if manifest is None:
-            return f"rank {rank}'s manifest rank{rank}.json is missing", world, step
+            return f"rank {rank}'s manifest rank{rank}.json is missing", first
         for name, size in manifest["files"].items():
             info = filesystem.get_file_info(f"{path}/{name}")
             if info.type != pafs.FileType.File:
-                return f"{name} (rank {rank}) is missing", world, step
+                return f"{name} (rank {rank}) is missing", first
             if info.size != size:
-                return f"{name} (rank {rank}) holds {info.size} bytes, its manifest {size}", world, step
-    return None, world, step
+                return f"{name} (rank {rank}) holds {info.size} bytes, its manifest {size}", first
+    return None, first
 
 
 def _stored(root: str) -> tuple[list[Stored], list[str]]:
@@ -77,11 +78,12 @@ def _stored(root: str) -> tuple[list[Stored], list[str]]:
                     and i.base_name.startswith(CHECKPOINT_PREFIX)), reverse=True)
     found, problems = [], []
     for name in names:
-        problem, world, step = _problem(filesystem, f"{base}/{name}")
+        problem, manifest = _problem(filesystem, f"{base}/{name}")
         if problem:
             problems.append(f"checkpoint {base}/{name} is not usable ({problem})")
         else:
-            found.append(Stored(f"{base}/{name}", filesystem, world, step))
+            found.append(Stored(f"{base}/{name}", filesystem, int(manifest["world"]), int(manifest["step"]),
+                                int(manifest["epoch"])))
     return found, problems
 
 

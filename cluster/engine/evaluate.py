@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 from tqdm import tqdm
 
 from cluster.engine.pools import ActorPoolConfig

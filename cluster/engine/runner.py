@@ -19,7 +19,7 @@ import timm
 from cluster.engine.deepspeed_config import OptimConfig, validate_optim
 from cluster.engine.pools import STUDENT_RESOURCE, TEACHER_RESOURCE, PoolsConfig, check_pools
 from cluster.engine.ray_cluster import RayConfig, check_resources, start_ray, training_needs
-from cluster.engine.streams import execution_options, shard_manifest
+from cluster.engine.streams import bounded, execution_options, shard_manifest
 from cluster.engine.tasks import StudentTask
 from cluster.engine.tracking import LoggingConfig
 from cluster.engine.trainer import DONE, TrainJob, fit
@@ -34,7 +34,7 @@ from robust.models.timm_models import TimmConfig
 class DataConfig:
     train_shards: str = ""  # shard dir with manifest.json (robust-distill data convert), on a path every node sees
     test_shards: str = ""  # evaluated clean and under the corruption suite
-    max_in_flight_mb: int = 1024  # object-store bytes the stream may run ahead of the students
+    max_in_flight_mb: float = 1024  # object-store MiB the stream may run ahead of the students
     preserve_order: bool = True  # the same stream and split on every run (reproducible); False: first come first served
 
 
@@ -86,8 +86,8 @@ def check_data(data: DataConfig, *, what: str = "the recipe") -> Manifest:
     if not data.train_shards:
         raise ValueError(f"no training data for {what}: pass data.train_shards=/path/to/shards (make them with "
                          "`robust-distill data convert IMAGEFOLDER OUT`) or run with preset=local")
-    if data.max_in_flight_mb < 1:
-        raise ValueError(f"data.max_in_flight_mb must be >= 1, got {data.max_in_flight_mb}")
+    if data.max_in_flight_mb <= 0:
+        raise ValueError(f"data.max_in_flight_mb must be > 0, got {data.max_in_flight_mb}")
     manifest = shard_manifest(data.train_shards)
     if data.test_shards:
         shard_manifest(data.test_shards)
@@ -127,9 +127,9 @@ def steps_per_epoch(total: int, pools: PoolsConfig, optim: OptimConfig) -> int:
 
 def check_in_flight(data: DataConfig, *, batch_bytes: int) -> int:
     """The object-store bound in bytes; it must hold two of the stream's batches or nothing ever flows."""
-    limit = data.max_in_flight_mb * 2**20
+    limit = int(data.max_in_flight_mb * 2**20)
     if limit < 2 * batch_bytes:
-        raise ValueError(f"data.max_in_flight_mb={data.max_in_flight_mb} holds fewer than two batches of "
+        raise ValueError(f"data.max_in_flight_mb={data.max_in_flight_mb:g} holds fewer than two batches of "
                          f"{batch_bytes / 2**20:.1f} MB; raise it or lower pools.teacher.batch_size")
     return limit
 
@@ -176,7 +176,7 @@ def train(tasks: dict[str, StudentTask], stream: ray.data.Dataset, out: Path, *,
                        run_dir=str(out), seed=seed, checkpoint_every=run.checkpoint_every, log_every=run.log_every,
                        log_keys=run.log_keys, resume=resume, started_at=time.time(), logging=logging, group=name)
         # the Ray Train run is named by its students, so a rerun with other methods never resumes another pass
-        fit(job, stream, pools.student, name=f"{name}-{'+'.join(tasks)}",
+        fit(job, bounded(stream, limit), pools.student, name=f"{name}-{'+'.join(tasks)}",
             storage_path=run.storage_path or str(run_dir(run) / "ray"),
             execution=execution_options(limit, preserve_order=data.preserve_order), max_failures=run.max_failures)
     return {t: Trained(out / t, **json.loads((out / t / DONE).read_text())) for t in tasks}

@@ -8,7 +8,7 @@ becomes a placeholder row with ``valid`` False and its reason, so the epoch keep
 applies the job's ``Prepare`` (crops, views, mixing: CPU work that scales with the read tasks, ahead of
 any teacher actor). Rows carry their epoch and their seed (``robust.seeding``). A ``ResumePoint`` lets a
 resumed run skip the epochs it has finished. Generated shards (offline DAD, RPT's feature cache) hold
-batch columns and are read back as they were written.
+batch columns and are read back as they were written, or one of several versions of each sample per epoch.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from robust.data.shards import (
     LABEL as LABEL_FIELD, MANIFEST, DamagedShard, Manifest, UndecodableSample, decode_image, decode_row, encode_png,
     iter_raw_samples, parse_manifest, read_manifest, write_shards,
 )  # fmt: skip
-from robust.seeding import sample_seeds
+from robust.seeding import combine, sample_seeds
 
 ROWS_PER_BLOCK = 256  # rows a read task yields at a time: streaming granularity, not a sample budget
 SKIP = "__skip__"  # a raw row's reason to be a placeholder (truncated shard)
@@ -199,6 +199,24 @@ def sample_stream(source: str | list[str], prepare: Prepare, *, epochs: int, see
         _prepare, batch_size=batch_size, fn_kwargs={"prepare": prepare, "seed": seed, "num_classes": num_classes})
 
 
+BLOCKS_IN_BOUND = 8  # blocks of the stream that its object-store bound holds
+# Smaller objects than Ray's inline limit (max_direct_call_object_size, 100 KiB) live in their owner's heap,
+# outside the object store, its bound and its stats; blocks stay above it.
+MIN_BLOCK_BYTES = 128 * 2**10
+
+
+def bounded(stream: ray.data.Dataset, max_bytes_in_flight: int) -> ray.data.Dataset:
+    """``stream`` with blocks of about ``1 / BLOCKS_IN_BOUND`` of its object-store bound. Ray Data's
+    backpressure grants budget a task at a time, and a task's output is one block up to the context's
+    ``target_max_block_size`` (128 MiB): with a bound of a few such blocks every read task ran at once and
+    the stream ran epochs ahead of the students (tests/test_faults.py: the teacher actors had finished all
+    3 epochs before the first step)."""
+    ctx = stream.context
+    ctx.target_max_block_size = min(ctx.target_max_block_size or max_bytes_in_flight,
+                                    max(max_bytes_in_flight // BLOCKS_IN_BOUND, MIN_BLOCK_BYTES))
+    return stream
+
+
 def execution_options(max_bytes_in_flight: int, *, preserve_order: bool) -> ExecutionOptions:
     """Bound the object store memory Ray Data may fill ahead of the students (backpressure); with
     ``preserve_order`` the stream (and its split among the workers) is the same on every run."""
@@ -230,26 +248,50 @@ def write_generated(stream: ray.data.Dataset, out_dir: Path, *, columns: list[st
     return write_shards(samples(), out_dir, prefix="gen", num_classes=num_classes, overwrite=True).total
 
 
-def _decode_generated(rows: dict[str, np.ndarray], *, columns: list[str], seed: int) -> dict[str, np.ndarray]:
+def generated_copy_key(copy: int, key: str) -> str:
+    """The key of version ``copy`` of the sample ``key`` in a generated set that holds several versions of each
+    sample (e.g. the features of several epochs' augmentations); ``generated_stream(copies=...)`` reads them."""
+    return f"c{copy}~{key}"
+
+
+def _one_copy(keys: np.ndarray, epochs: np.ndarray, valid: np.ndarray, *, copies: int,
+              seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to keep, their samples' keys): per sample the version drawn from (seed, epoch, key); placeholder
+    rows (damaged shards) name no version and are kept."""
+    parsed = [k.partition("~") for k in keys]
+    names = np.array([name if sep else k for k, (_, sep, name) in zip(keys, parsed)])
+    drawn = [combine([s, copies]) % copies for s in sample_seeds(seed, epochs, names)]
+    keep = np.array([not v or int(c[1:]) == d for (c, _, _), v, d in zip(parsed, valid, drawn)], dtype=bool)
+    return keep, names
+
+
+def _decode_generated(rows: dict[str, np.ndarray], *, columns: list[str], seed: int, copies: int) -> dict[str, np.ndarray]:
     keys, epochs, valid = rows["__key__"].astype(str), rows["epoch"], rows[SKIP] == ""
     if not valid.any():
         raise ValueError(f"the generated shards of {keys[0]} are damaged ({rows[SKIP][0]}); delete their folder "
                          "and run again to regenerate them")
+    keep = np.ones(len(keys), dtype=bool)
+    if copies > 1:
+        keep, keys = _one_copy(keys, epochs, valid, copies=copies, seed=seed)
     out: dict[str, object] = {
         B.KEY: keys, B.EPOCH: epochs, B.VALID: valid, B.SKIP_REASON: rows[SKIP], B.SEED: sample_seeds(seed, epochs, keys),
         B.LABEL: np.array([int(c) if v else 0 for c, v in zip(rows[LABEL_FIELD], valid)], dtype=np.int64)}
+    first = int(np.flatnonzero(valid)[0])
     for c in columns:
         decode = decode_image if B.COLUMNS[c].dtype == "uint8" else (lambda d: np.load(io.BytesIO(d)))
-        values = [decode(d) if v else None for d, v in zip(rows[B.SHARD_FIELDS[c]], valid)]
-        like = next(v for v in values if v is not None)
-        out[c] = np.stack([np.zeros_like(like) if v is None else v for v in values])  # placeholders: zeros
-    return B.build(out)
+        data = rows[B.SHARD_FIELDS[c]]
+        like = decode(data[first])  # placeholders (and versions not read): zeros of its shape
+        out[c] = np.stack([decode(d) if v and k else np.zeros_like(like) for d, v, k in zip(data, valid, keep)])
+    return B.build({name: np.asarray(column)[keep] for name, column in out.items()})
 
 
 def generated_stream(shard_dir: Path, *, columns: list[str], epochs: int, seed: int, batch_size: int,
-                     resume: ray.actor.ActorHandle | None = None) -> ray.data.Dataset:
+                     resume: ray.actor.ActorHandle | None = None, copies: int = 1) -> ray.data.Dataset:
+    """``epochs`` passes over a generated set. With ``copies`` > 1 the set holds that many versions of each
+    sample (keys ``generated_copy_key(c, key)``, c < copies) and each epoch reads one version per sample,
+    drawn from (seed, epoch, key); the rows carry the sample's own key."""
     return read_raw(str(shard_dir), epochs=epochs, seed=seed, resume=resume).map_batches(
-        _decode_generated, batch_size=batch_size, fn_kwargs={"columns": columns, "seed": seed})
+        _decode_generated, batch_size=batch_size, fn_kwargs={"columns": columns, "seed": seed, "copies": copies})
 
 
 def generate_once(out_dir: Path, make: Callable[[], int]) -> Path:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -37,7 +38,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from timm.utils import ModelEmaV3
 
 from cluster.engine import batch as B
-from cluster.engine.checkpoints import check_resumable, usable_checkpoints, write_manifest
+from cluster.engine.checkpoints import Stored, check_resumable, usable_checkpoints, write_manifest
 from cluster.engine.deepspeed_config import OptimConfig, deepspeed_config
 from cluster.engine.pools import STUDENT_RESOURCE, TEACHER_RESOURCE, StudentPoolConfig
 from cluster.engine.tasks import StudentTask
@@ -148,9 +149,12 @@ def teacher_actors_alive() -> int:
 
 
 def object_store_used_bytes() -> float:
-    """Object store bytes in use across the cluster (Ray's resource view), the stream's data in flight."""
-    return ray.cluster_resources().get("object_store_memory", 0.0) - ray.available_resources().get(
-        "object_store_memory", 0.0)
+    """Object-store bytes in use across the cluster, as the raylets count them (what ``ray memory --stats-only``
+    prints; Ray has no public call for it): the stream's data in flight, and the few small objects of the run."""
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address), timeout_seconds=10)
+    return float(reply.store_stats.object_store_bytes_used)
 
 
 @dataclass
@@ -202,19 +206,17 @@ def _save(students: list[_Student], state: TrainState, metrics: dict) -> None:
             s.engine.save_checkpoint(str(Path(d) / s.name), tag=CKPT_TAG, client_state={"train_state": asdict(state)})
             if s.ema is not None and rank == 0:
                 torch.save(s.ema.module.state_dict(), Path(d) / s.name / EMA_FILE)
-        write_manifest(Path(d), rank=rank, world=world, step=state.step)  # last: it marks this rank's part complete
+        write_manifest(Path(d), rank=rank, world=world, step=state.step, epoch=state.epoch)  # last: marks it complete
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                          checkpoint=Checkpoint.from_directory(d))
 
 
-def _restore(students: list[_Student], job: TrainJob, world: int, rank: int) -> TrainState:
-    """The train state of the newest complete checkpoint in the run's storage (``cluster.engine.checkpoints``),
-    with every student's engine and EMA loaded from it; a fresh state when there is none."""
+def _restore(students: list[_Student], newest: Stored | None, world: int, rank: int) -> TrainState:
+    """The train state of ``newest`` (the newest complete checkpoint in the run's storage), with every
+    student's engine and EMA loaded from it; a fresh state without one."""
     log = (lambda line: print(line, flush=True)) if rank == 0 else (lambda _: None)
-    stored = usable_checkpoints(job.checkpoint_root, log=log)
-    if not stored:
+    if newest is None:
         return TrainState()  # (checkpoints that exist but are all unusable stop the run on the driver)
-    newest = stored[0]
     if newest.world != world:  # the driver refuses this before training (check_resumable)
         raise RuntimeError(f"{newest.path} was written by {newest.world} workers, this group has {world}")
     with Checkpoint(newest.path, filesystem=newest.filesystem).as_directory() as d:
@@ -234,6 +236,28 @@ def _restore(students: list[_Student], job: TrainJob, world: int, rank: int) -> 
     return TrainState(**client["train_state"])
 
 
+class _Prefetched:
+    """An iterator whose first item is fetched in a background thread from the moment it is made."""
+
+    def __init__(self, items) -> None:
+        self._items = iter(items)
+        self._first: list = []
+        self._thread = threading.Thread(target=lambda: self._first.append(next(self._items, None)), daemon=True)
+        self._thread.start()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread, (first,) = None, self._first
+            if first is None:
+                raise StopIteration
+            return first
+        return next(self._items)
+
+
 def _full_state_dict(engine) -> dict[str, torch.Tensor]:
     """The module's full weights; with ZeRO-3 every rank takes part in gathering the partitions."""
     import deepspeed
@@ -244,9 +268,9 @@ def _full_state_dict(engine) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
 
 
-def _log_keys(job: TrainJob, rank: int, step: int, batch: dict[str, np.ndarray]) -> None:
-    rows = [{"step": step, "epoch": int(e), "key": str(k)} for e, k, v in
-            zip(batch[B.EPOCH], batch[B.KEY], batch[B.VALID]) if v]
+def _log_keys(job: TrainJob, rank: int, rows: list[dict]) -> None:
+    """keys.rank<r>.jsonl: an attempt's start ({"attempt_from_step": s}: what an earlier attempt logged from
+    step s on was redone), then a row per sample trained on ({"step", "epoch", "key"})."""
     with open(Path(job.run_dir) / f"keys.rank{rank}.jsonl", "a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -282,19 +306,24 @@ def train_loop(config: dict) -> None:
     os.nice(config["nice"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    stored = usable_checkpoints(job.checkpoint_root, log=(lambda line: print(line, flush=True)) if rank == 0 else
+                                (lambda _: None))
+    newest = stored[0] if stored else None
+    if job.resume is not None:  # the read tasks skip the epochs before this one (set before reading)
+        ray.get(job.resume.set.remote(newest.epoch if newest else 0))
+    # The stream starts at the resumed epoch, while the students are built (its first batch takes as long
+    # as their engines); two micro-batches are prefetched (their copies to a GPU then overlap the steps).
+    # Rows past the last step are left unread.
+    batches = _Prefetched(ray.train.get_dataset_shard("train").iter_batches(batch_size=job.optim.micro_batch_size,
+                                                                            drop_last=True, prefetch_batches=2))
     students = _build(job, world)
-    state = _restore(students, job, world, rank)
+    state = _restore(students, newest, world, rank)
+    if job.log_keys:
+        _log_keys(job, rank, [{"attempt_from_step": state.step}])
     for s in students if rank == 0 else []:
         s.tracker = Tracker(job.logging, s.out, name=f"{job.group}/{s.name}", group=job.group)
-    if job.resume is not None:  # the read tasks skip the epochs before this one (set before reading)
-        ray.get(job.resume.set.remote(state.epoch))
     micro_per_epoch = job.steps_per_epoch * job.optim.grad_accum
-    # The stream starts at the resumed epoch; its first micro_in_epoch micro-batches are the ones done
-    # before the checkpoint. Rows past the last step are left unread.
-    # two micro-batches prefetched: the next arrives while the students step (their copies to a GPU overlap)
-    batches = iter(ray.train.get_dataset_shard("train").iter_batches(batch_size=job.optim.micro_batch_size,
-                                                                     drop_last=True, prefetch_batches=2))
-    for _ in range(state.micro_in_epoch):
+    for _ in range(state.micro_in_epoch):  # the micro-batches of this epoch done before the checkpoint
         next(batches, None)
     shared, needs = _Shared(), job.needs
     for s in students:
@@ -321,7 +350,8 @@ def train_loop(config: dict) -> None:
         shared.samples += n_valid
         shared.skipped += [f"{k}: {r}" for k, r, v in zip(batch[B.KEY], batch[B.SKIP_REASON], batch[B.VALID]) if not v]
         if job.log_keys:
-            _log_keys(job, rank, state.step, batch)
+            _log_keys(job, rank, [{"step": state.step, "epoch": int(e), "key": str(k)}
+                                  for e, k, v in zip(batch[B.EPOCH], batch[B.KEY], batch[B.VALID]) if v])
         if state.micro_in_epoch % job.optim.grad_accum:
             continue
         state.step += 1

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from cluster.engine.stages import build_side_by_side
 from cluster.jobs.dad import DadConfig
+from cluster.jobs.local import DIGITS_CROP, RAY, STUDENT_POOL, TEACHER_POOL
 from robust.cache import cache_dir_for, cached_stage
 from robust.config import Preset
 from robust.data.digits import build_digits_shards, digits_arrays
@@ -50,19 +51,17 @@ OVERLAY: dict = {
     "data": {"max_in_flight_mb": 64},
     "teacher": {"kind": "timm"},
     "dad": {"eps": 1.0, "alpha": 1.0},
-    "augment": {"crop_size": 32, "scale": [0.7, 1.0], "ratio": [0.9, 1.1], "hflip": 0.0, "interpolation": "bilinear",
-                "auto_augment": "", "color_jitter": 0.0, "re_prob": 0.0, "mixup": 0.0, "cutmix": 0.0,
-                "label_smoothing": 0.0},
+    "augment": {**DIGITS_CROP, "auto_augment": "", "re_prob": 0.0, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
     "student": {"name": "test_resnet", "num_classes": 10, "pretrained": False, "drop_path_rate": None},
     "optim": {"zero_stage": 2, "micro_batch_size": 64, "lr": 2e-3, "weight_decay": 0.01, "grad_clip": 1.0,
               "warmup_epochs": 1.0, "warmup_start_ratio": 0.0, "ema_decay": 0.0},
     "pools": {
-        "teacher": {"min_actors": 1, "max_actors": 1, "gpus_per_actor": 0, "cpus_per_actor": 1, "batch_size": 64},
+        "teacher": TEACHER_POOL,
         # the teacher pool is the slower stage: on 2 shared cores it runs at its own speed (benchmarks/pipeline.py)
-        "student": {"num_workers": 2, "gpus_per_worker": 0, "cpus_per_worker": 1, "nice": 10},
+        "student": {**STUDENT_POOL, "nice": 10},
     },
     "run": {"name": "local", "methods": ["ce", "kd", "dad"], "epochs": 6, "checkpoint_every": 20, "log_every": 5},
-    "ray": {"num_cpus": 4, "object_store_mb": 512},
+    "ray": RAY,
 }
 
 

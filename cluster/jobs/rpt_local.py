@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.engine.stages import build_side_by_side
+from cluster.jobs.local import DIGITS_CROP, POOLS, RAY
 from cluster.jobs.rpt import RptConfig
 from robust.config import Preset
 from robust.data.digits import build_digits_shards
@@ -38,16 +39,12 @@ OVERLAY: dict = {
     "large": {"timm": {"name": "test_vit", "num_classes": 10, "img_size": 32, "pretrained": False},
               "tune_fraction": 0.2},
     "robust_teacher": {"name": "test_resnet", "num_classes": 10},
-    "augment": {"crop_size": 32, "scale": [0.7, 1.0], "ratio": [0.9, 1.1], "hflip": 0.0, "interpolation": "bilinear",
-                "color_jitter": 0.0},
+    "augment": DIGITS_CROP,
     "augmented": {"deepaugment_fit_images": 1347},  # the whole digits train split
     "optim": {"zero_stage": 2, "micro_batch_size": 64, "lr": 2e-3, "weight_decay": 0.01, "warmup_epochs": 0.5},
-    "pools": {
-        "teacher": {"min_actors": 1, "max_actors": 1, "gpus_per_actor": 0, "cpus_per_actor": 1, "batch_size": 64},
-        "student": {"num_workers": 2, "gpus_per_worker": 0, "cpus_per_worker": 1},
-    },
+    "pools": POOLS,
     "run": {"name": "rpt-local", "epochs": 4, "checkpoint_every": 20, "log_every": 5},
-    "ray": {"num_cpus": 4, "object_store_mb": 512},
+    "ray": RAY,
 }
 
 

@@ -27,6 +27,7 @@ import timm
 import torch
 from PIL import Image
 from ray.util.state import list_actors
+from ray.util.state.exception import RayStateApiException
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -149,7 +150,10 @@ class _PoolWatch:
 
     def _watch(self) -> None:
         while not self._stop.wait(0.2):
-            self.samples.append((time.monotonic(), _teacher_actors()))
+            try:
+                self.samples.append((time.monotonic(), _teacher_actors()))
+            except RayStateApiException:  # the state API timed out while a node went: the next sample counts
+                continue
 
     def stop(self) -> list[tuple[float, dict[str, str]]]:
         self._stop.set()

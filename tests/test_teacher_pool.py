@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from cluster.engine import batch as B
 from cluster.engine.pools import TeacherPoolConfig
 from cluster.engine.prepare import Augment
-from cluster.engine.streams import sample_stream
+from cluster.engine.streams import bounded, execution_options, sample_stream
 from cluster.engine.teacher_pool import through_pool
 from cluster.jobs.dad import DistillProducer
 from cluster.engine.deepaugment import DeepAugmentProducer
@@ -115,6 +115,11 @@ def test_a_killed_teacher_actor_loses_and_duplicates_nothing(ray_cluster, small_
     # 25 shards, 25 DAD tasks of 8: the kill at the first output leaves work in flight and work not started.
     teacher = TeacherConfig(kind="timm", timm=TimmConfig(name="test_resnet", num_classes=10))
     stream = _stream(small_shards["train_fine"], DistillProducer(teacher, TINY_VQ, DAD), actors=2, batch=8)
+    # bounded as the students' stream is (about 4 batches in flight), so that the pool cannot have finished
+    # every task by the first output the driver reads (unbounded, it sometimes had: no actor left to kill)
+    limit = 4 * 8 * (2 * 32 * 32 * 3 + 2 * 10 * 2)
+    stream = bounded(stream, limit)
+    stream.context.execution_options = execution_options(limit, preserve_order=True)
     keys, killed = [], None
     for batch in stream.iter_batches(batch_size=None):
         keys += batch[B.KEY].tolist()

@@ -37,7 +37,9 @@ ROWS_PER_BLOCK = 256  # rows a read task yields at a time: streaming granularity
 SKIP = "__skip__"  # a raw row's reason to be a placeholder (truncated shard)
 
 
-@ray.remote(num_cpus=0)
+# Restarted elsewhere when its node is lost (it may sit on any node, a student node among them): every
+# attempt of the worker group sets it again before reading, so the restarted actor's fresh state is set.
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class ResumePoint:
     """The epoch the students resume at. The workers set it after restoring a checkpoint, before they
     read; the read tasks skip shards of earlier epochs, so a resumed run never reads (or sends through

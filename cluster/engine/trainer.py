@@ -40,7 +40,8 @@ from timm.utils import ModelEmaV3
 from cluster.engine import batch as B
 from cluster.engine.checkpoints import Stored, check_resumable, usable_checkpoints, write_manifest
 from cluster.engine.deepspeed_config import OptimConfig, deepspeed_config
-from cluster.engine.pools import STUDENT_RESOURCE, TEACHER_RESOURCE, StudentPoolConfig
+from cluster.engine.cluster_stats import object_store_used_bytes, teacher_actors_alive
+from cluster.engine.pools import STUDENT_RESOURCE, StudentPoolConfig
 from cluster.engine.tasks import StudentTask
 from cluster.engine.tracking import LoggingConfig, Tracker
 from robust.seeding import combine, seed_everything
@@ -137,24 +138,6 @@ def _all_gather(obj: object) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def teacher_actors_alive() -> int:
-    """Teacher-pool actors alive now, from Ray's state API (actors holding the "teacher" resource)."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
-                         detail=True, limit=10_000, raise_on_missing_output=False)
-    return sum(TEACHER_RESOURCE in (a.required_resources or {}) for a in actors)
-
-
-def object_store_used_bytes() -> float:
-    """Object-store bytes in use across the cluster, as the raylets count them (what ``ray memory --stats-only``
-    prints; Ray has no public call for it): the stream's data in flight, and the few small objects of the run."""
-    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-    reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address), timeout_seconds=10)
-    return float(reply.store_stats.object_store_bytes_used)
 
 
 @dataclass

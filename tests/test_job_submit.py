@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,16 +26,19 @@ def _free_port() -> int:
 @pytest.fixture
 def ray_head():
     # The job CLI reads the cluster's token from ~/.ray/auth_token (written by `ray start`) when
-    # RAY_AUTH_MODE=token; RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH work as well.
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    # RAY_AUTH_MODE=token; RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH work as well. PATH stays the other
+    # tests' PATH: a different `ninja` first on PATH makes torch rebuild DeepSpeed's CPU comm op
+    # (about a minute) here and again in the next test.
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     port, dash, agent = _free_port(), _free_port(), _free_port()
-    # --block keeps this head's processes under one parent: stopping it stops this cluster only
-    # (`ray stop` would also stop the other tests' cluster).
+    # --block keeps this head's processes under one parent, in their own session: killing that
+    # process group stops this cluster only (`ray stop` would also stop the other tests' cluster),
+    # at once (a SIGTERM'd head takes about 30 s to shut down).
     head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
                              f"--dashboard-agent-listen-port={agent}",
                              "--num-cpus=4", '--resources={"teacher": 1, "student": 2}', "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 180
@@ -44,7 +48,7 @@ def ray_head():
             time.sleep(2)
         yield env, address
     finally:
-        head.terminate()
+        os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=120)
 
 
@@ -52,7 +56,7 @@ def test_job_submit_runs_the_local_preset(ray_head, tmp_path):
     env, address = ray_head
     out = tmp_path / "runs"
     cmd = [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-           "python", "recipes/dad_imagenet.py", "preset=local", f"run.out_dir={out}", "run.methods=[ce]",
+           sys.executable, "recipes/dad_imagenet.py", "preset=local", f"run.out_dir={out}", "run.methods=[ce]",
            "run.epochs=1", "local.teacher.epochs=1", "local.vqgan_steps=5", "eval.corruptions=[gaussian_noise]",
            "eval.severities=[5]"]
     for _ in range(10):  # the head's job agent registers a few seconds after the dashboard answers

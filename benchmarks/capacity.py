@@ -56,7 +56,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.machine import machine, save_result
 from robust.config import load_config
-from robust.data.shards import decode_image, encode_png, make_sample, write_shards
+from robust.data.images import decode_image
+from robust.data.shards import encode_png, make_sample, write_shards
 from robust.models.clip_teacher import ClipTeacher
 from robust.models.timm_models import TimmConfig, build_timm
 from robust.models.vqgan import VQGAN_PRESETS, VQGANConfig, build_vqgan

@@ -21,7 +21,7 @@ from cluster.deploy.k8s_checks import check_manifests, load_manifests
 from cluster.deploy.plan import add_plan_parser
 from robust.data.digits import build_digits_shards
 from robust.data.folder import convert_folder
-from robust.data.shards import verify_manifest
+from robust.data.shard_reader import verify_manifest
 
 
 def _data(args: argparse.Namespace) -> None:

@@ -31,7 +31,9 @@ from torch import Tensor
 from torchvision.transforms.functional import center_crop, resize
 
 from robust.augment import as_unit_float, augment_ops, to_dtype_of
-from robust.data.shards import MANIFEST, ShardDataset, decode_image
+from robust.data.images import decode_image
+from robust.data.shard_reader import ShardDataset
+from robust.data.shards import MANIFEST
 from robust.fractals import FractalConfig, render_fractals
 
 FRACTALS = "fractals"

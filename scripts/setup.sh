@@ -13,5 +13,12 @@ echo "setup: installing robust-distill and pinned dependencies into .venv (first
 # torch and torchvision first, by exact version: on the reference machine pip takes them from local disk.
 .venv/bin/pip install -q -c constraints.txt torch torchvision
 .venv/bin/pip install -q -c constraints.txt -e ".[dev]"
+# DeepSpeed JIT-compiles its CPU collective op (shared-memory all-reduce) on first use: about a minute on 2
+# cores. Once here, instead of inside the first training run (and again whenever a different `ninja`
+# is first on PATH: the pip and the system ninja record build commands differently).
+echo "setup: building DeepSpeed's CPU communication op"
+DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)" \
+  > .venv/deepspeed-op-build.log 2>&1 \
+  || { echo "setup: DeepSpeed's CPU op did not build (it needs g++); see .venv/deepspeed-op-build.log" >&2; exit 1; }
 echo "$want" > .venv/.robust-distill-stamp
 echo "setup: done"

@@ -8,7 +8,7 @@ from torch import nn
 
 import robust.deepaugment
 from robust.data.digits import digits_arrays
-from robust.data.shards import load_shards
+from robust.data.shard_reader import load_shards
 from robust.deepaugment import (
     DeepAugConfig,
     autoencoder_for,

@@ -16,7 +16,8 @@ from cluster.jobs import dad
 from cluster.jobs.dad import DadConfig, DistillProducer
 from robust.attacks.dad import DADConfig
 from robust.config import load_config
-from robust.data.shards import ShardDataset, encode_png, make_sample, write_shards
+from robust.data.shard_reader import ShardDataset
+from robust.data.shards import encode_png, make_sample, write_shards
 from robust.distill import TeacherConfig
 from robust.losses.kd import kd_loss
 from robust.losses.objectives import ObjectiveConfig

@@ -25,7 +25,7 @@ from cluster.engine.pools import ActorPoolConfig
 from cluster.engine.runner import Trained
 from cluster.engine.tracking import LoggingConfig, Tracker
 from cluster.engine.teacher_pool import actor_device, pool_map
-from robust.data.shards import ShardDataset
+from robust.data.shard_reader import ShardDataset
 from robust.eval.corruptions import ALL, IMAGENET_C
 from robust.eval.benchmark import report_from_tallies
 from robust.eval.evaluate import Part, SetResult, evaluate_part, set_parts

@@ -27,9 +27,11 @@ from ray.data import ExecutionOptions, ExecutionResources
 from tqdm import tqdm
 
 from cluster.engine import batch as B
+from robust.data.images import decode_image
+from robust.data.shard_reader import decode_row, iter_raw_samples
 from robust.data.shards import (
-    LABEL as LABEL_FIELD, MANIFEST, DamagedShard, Manifest, UndecodableSample, decode_image, decode_row, encode_png,
-    iter_raw_samples, parse_manifest, read_manifest, write_shards,
+    LABEL as LABEL_FIELD, MANIFEST, DamagedShard, Manifest, UndecodableSample, encode_png, parse_manifest,
+    read_manifest, write_shards,
 )  # fmt: skip
 from robust.seeding import combine, sample_seeds
 

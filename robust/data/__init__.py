@@ -9,23 +9,25 @@ from __future__ import annotations
 from robust.data.digits import build_digits_shards, digits_arrays
 from robust.data.folder import ConvertReport, class_names_of, convert_folder
 from robust.data.images import UndecodableImage, decode_image
+from robust.data.shard_reader import (
+    ShardDataset,
+    ShardTensors,
+    decode_row,
+    decode_sample,
+    iter_raw_samples,
+    load_shards,
+    verify_manifest,
+)
 from robust.data.shards import (
     DamagedShard,
     Manifest,
-    ShardDataset,
     ShardInfo,
-    ShardTensors,
     UndecodableSample,
-    decode_row,
-    decode_sample,
     index_shards,
-    iter_raw_samples,
-    load_shards,
     make_sample,
     read_manifest,
     resolve_shards,
     shard_name,
-    verify_manifest,
     write_manifest,
     write_shards,
 )

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from robust.data.shards import encode_png, make_sample, verify_manifest, write_shards
+from robust.data.shard_reader import verify_manifest
+from robust.data.shards import encode_png, make_sample, write_shards
 
 SIZE = 32
 CLASS_NAMES = [str(i) for i in range(10)]

@@ -39,7 +39,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from robust.data.folder import class_names_of
-from robust.data.shards import ShardDataset
+from robust.data.shard_reader import ShardDataset
 from robust.eval.class_subsets import IMAGENET_A_INDICES, IMAGENET_R_INDICES, OBJECTNET_GROUPS
 from robust.eval.corruptions import ALL, IMAGENET_C, corrupt
 

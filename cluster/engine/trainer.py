@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -176,9 +177,15 @@ def _log(students: list[_Student], shared: _Shared, state: TrainState, job: Trai
                 f.write(json.dumps(rows[s.name]) + "\n")
             s.tracker.log(rows[s.name], step=state.step, prefix="train")
         losses = "  ".join(f"{name} {row.get('loss', float('nan')):.4f}" for name, row in rows.items())
-        print(f"[{Path(job.run_dir).name}] epoch {state.epoch + 1}/{job.epochs} step {state.step}/"
-              f"{job.epochs * job.steps_per_epoch} loss {losses}  {common['samples_per_s']:.0f} samples/s", flush=True)
+        _console(f"[{Path(job.run_dir).name}] epoch {state.epoch + 1}/{job.epochs} step {state.step}/"
+                 f"{job.epochs * job.steps_per_epoch} loss {losses}  {common['samples_per_s']:.0f} samples/s")
     return rows
+
+
+def _console(line: str) -> None:
+    """A line on the job's console, once: Ray Train's ``print`` in its workers logs and, as their
+    ``sys.stdout`` is wrapped, prints too (each line came out twice); the process's own stdout has it once."""
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def _save(students: list[_Student], state: TrainState, metrics: dict) -> None:
@@ -197,7 +204,7 @@ def _save(students: list[_Student], state: TrainState, metrics: dict) -> None:
 def _restore(students: list[_Student], newest: Stored | None, world: int, rank: int) -> TrainState:
     """The train state of ``newest`` (the newest complete checkpoint in the run's storage), with every
     student's engine and EMA loaded from it; a fresh state without one."""
-    log = (lambda line: print(line, flush=True)) if rank == 0 else (lambda _: None)
+    log = _console if rank == 0 else (lambda _: None)
     if newest is None:
         return TrainState()  # (checkpoints that exist but are all unusable stop the run on the driver)
     if newest.world != world:  # the driver refuses this before training (check_resumable)
@@ -289,8 +296,7 @@ def train_loop(config: dict) -> None:
     os.nice(config["nice"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    stored = usable_checkpoints(job.checkpoint_root, log=(lambda line: print(line, flush=True)) if rank == 0 else
-                                (lambda _: None))
+    stored = usable_checkpoints(job.checkpoint_root, log=_console if rank == 0 else (lambda _: None))
     newest = stored[0] if stored else None
     if job.resume is not None:  # the read tasks skip the epochs before this one (set before reading)
         ray.get(job.resume.set.remote(newest.epoch if newest else 0))

@@ -2,7 +2,8 @@
 `recipes/robustify_large.py preset=local` with ``rpt`` first): wall time and peak memory, cold and warm.
 
 Cold: a fresh output directory, so every cached stage (digits shards, AugMix teacher, VQGAN) is built.
-Warm: the same directory again, so the cached stages are reused. Peak memory is the largest sum of
+Warm: the same directory again under another ``run.name``, so the cached stages are reused and the
+models train again (a run of the same name would find them finished and only evaluate). Peak memory is the largest sum of
 proportional set size (PSS: each shared page split among the processes that map it) over the recipe's
 whole process tree (driver, Ray's daemons, actors, workers); the sum of RSS is recorded too, but it
 counts torch's shared libraries and the object store's shared memory once per process.
@@ -80,8 +81,8 @@ def main(argv: list[str]) -> None:
         out_dir = Path(tmp) / "runs"
         out_dir.mkdir()
         cold = run_once(recipe, out_dir, overrides)
-        warm = run_once(recipe, out_dir, overrides)
-        models = _models(out_dir / run_name)
+        warm = run_once(recipe, out_dir, [*overrides, f"run.name={run_name}-warm"])
+        models = _models(out_dir / f"{run_name}-warm")
         results = {"machine": machine(), "recipe": recipe, "overrides": overrides, "cold": cold, "warm": warm,
                    "models": models, "targets": {"cold_wall_s": 600, "peak_pss_gib": 8}}
         if name in COMPARE:

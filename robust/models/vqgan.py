@@ -69,6 +69,18 @@ VQGAN_PRESETS: dict[str, dict[str, Any]] = {
         embed_dim=32,
         n_embed=128,
     ),
+    # the same with one more downsampling and no residual blocks: 4x4 latents x 128 codes, a coarser
+    # discretizer (about 23 dB on the digits test split against 32.6 dB) that preset=local's DAD uses
+    "digits32_f8_128": dict(
+        resolution=32,
+        ch=32,
+        ch_mult=[1, 1, 1, 1],
+        num_res_blocks=0,
+        attn_resolutions=[],
+        z_channels=32,
+        embed_dim=32,
+        n_embed=128,
+    ),
 }
 
 

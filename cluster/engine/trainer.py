@@ -19,11 +19,9 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import tempfile
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ from cluster.engine.cluster_stats import object_store_used_bytes, teacher_actors
 from cluster.engine.pools import STUDENT_RESOURCE, StudentPoolConfig
 from cluster.engine.tasks import StudentTask
 from cluster.engine.tracking import LoggingConfig, Tracker
+from cluster.engine.worker_console import console, quiet
 from robust.seeding import combine, seed_everything
 
 CKPT_TAG = "ckpt"
@@ -177,15 +176,9 @@ def _log(students: list[_Student], shared: _Shared, state: TrainState, job: Trai
                 f.write(json.dumps(rows[s.name]) + "\n")
             s.tracker.log(rows[s.name], step=state.step, prefix="train")
         losses = "  ".join(f"{name} {row.get('loss', float('nan')):.4f}" for name, row in rows.items())
-        _console(f"[{Path(job.run_dir).name}] epoch {state.epoch + 1}/{job.epochs} step {state.step}/"
+        console(f"[{Path(job.run_dir).name}] epoch {state.epoch + 1}/{job.epochs} step {state.step}/"
                  f"{job.epochs * job.steps_per_epoch} loss {losses}  {common['samples_per_s']:.0f} samples/s")
     return rows
-
-
-def _console(line: str) -> None:
-    """A line on the job's console, once: Ray Train's ``print`` in its workers logs and, as their
-    ``sys.stdout`` is wrapped, prints too (each line came out twice); the process's own stdout has it once."""
-    print(line, file=sys.__stdout__, flush=True)
 
 
 def _save(students: list[_Student], state: TrainState, metrics: dict) -> None:
@@ -204,7 +197,7 @@ def _save(students: list[_Student], state: TrainState, metrics: dict) -> None:
 def _restore(students: list[_Student], newest: Stored | None, world: int, rank: int) -> TrainState:
     """The train state of ``newest`` (the newest complete checkpoint in the run's storage), with every
     student's engine and EMA loaded from it; a fresh state without one."""
-    log = _console if rank == 0 else (lambda _: None)
+    log = console if rank == 0 else (lambda _: None)
     if newest is None:
         return TrainState()  # (checkpoints that exist but are all unusable stop the run on the driver)
     if newest.world != world:  # the driver refuses this before training (check_resumable)
@@ -282,21 +275,14 @@ def _build(job: TrainJob, world: int) -> list[_Student]:
     return students
 
 
-def _quiet() -> None:
-    """The workers' console is the students' step lines: DeepSpeed's notices (its own logger, which Ray's log
-    level does not reach) and torch's deprecation warnings about the collectives DeepSpeed calls are off."""
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-
-
 def train_loop(config: dict) -> None:
     """The per-worker loop (Ray Train calls it on every worker)."""
-    _quiet()
+    quiet()
     job: TrainJob = config["job"]
     os.nice(config["nice"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    stored = usable_checkpoints(job.checkpoint_root, log=_console if rank == 0 else (lambda _: None))
+    stored = usable_checkpoints(job.checkpoint_root, log=console if rank == 0 else (lambda _: None))
     newest = stored[0] if stored else None
     if job.resume is not None:  # the read tasks skip the epochs before this one (set before reading)
         ray.get(job.resume.set.remote(newest.epoch if newest else 0))
@@ -385,6 +371,8 @@ def fit(job: TrainJob, dataset: ray.data.Dataset, pool: StudentPoolConfig, *, na
     if use_gpu:
         resources["GPU"] = pool.gpus_per_worker
     job = dataclasses.replace(job, checkpoint_root=f"{storage_path.rstrip('/')}/{name}")
+    # Ray Train's own reports (checkpoint created, result reported) at the level ray.init gave Ray's loggers
+    train_logs = ray.train.LoggingConfig(log_level=logging.getLevelName(logging.getLogger("ray").getEffectiveLevel()))
     check_resumable(job.checkpoint_root, pool.num_workers)
     trainer = TorchTrainer(
         train_loop,
@@ -395,6 +383,6 @@ def fit(job: TrainJob, dataset: ray.data.Dataset, pool: StudentPoolConfig, *, na
         dataset_config=DataConfig(execution_options=execution),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), logging_config=train_logs),
     )
     return trainer.fit()

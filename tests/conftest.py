@@ -7,7 +7,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -87,9 +86,10 @@ def ray_cluster():
     cluster.shutdown()
 
 
-def _png(x_HWC: np.ndarray) -> bytes:
+def image_bytes(im: Image.Image, fmt: str, **kwargs) -> bytes:
+    """``im`` encoded by PIL as ``fmt`` (PNG, JPEG, GIF, TIFF ...)."""
     buf = io.BytesIO()
-    Image.fromarray(x_HWC).save(buf, format="PNG")
+    im.save(buf, format=fmt, **kwargs)
     return buf.getvalue()
 
 
@@ -102,11 +102,11 @@ def small_shards(tmp_path_factory):
 
     x, y, x_test, y_test = digits_arrays()
     root = tmp_path_factory.mktemp("shards")
-    samples = [make_sample(f"d{i:04d}", _png(x[i]), int(y[i])) for i in range(N_SMALL)]
+    samples = [make_sample(f"d{i:04d}", image_bytes(Image.fromarray(x[i]), "PNG"), int(y[i])) for i in range(N_SMALL)]
     samples.insert(50, make_sample("corrupt", b"\x89PNG\r\n\x1a\nthis is not an image", 3))
     write_shards(samples, root / "train", prefix="train", max_per_shard=70, num_classes=10)
     write_shards(samples, root / "train_fine", prefix="train", max_per_shard=8, num_classes=10)  # 25 shards
-    test = [make_sample(f"t{i:04d}", _png(x_test[i]), int(y_test[i])) for i in range(96)]
+    test = [make_sample(f"t{i:04d}", image_bytes(Image.fromarray(x_test[i]), "PNG"), int(y_test[i])) for i in range(96)]
     write_shards(test, root / "test", prefix="test", max_per_shard=50, num_classes=10)
     return {"train": root / "train", "train_fine": root / "train_fine", "test": root / "test",
             "keys": [s["__key__"] for s in samples]}

@@ -14,8 +14,8 @@ echo "setup: installing robust-distill and pinned dependencies into .venv (first
 .venv/bin/pip install -q -c constraints.txt torch torchvision
 .venv/bin/pip install -q -c constraints.txt -e ".[dev]"
 # DeepSpeed JIT-compiles its CPU collective op (shared-memory all-reduce) on first use: about a minute on 2
-# cores. Once here, instead of inside the first training run (and again whenever a different `ninja`
-# is first on PATH: the pip and the system ninja record build commands differently).
+# cores, here once instead of inside the first training run. (torch builds it again when another `ninja`
+# comes first on PATH: the pip and the system ninja record build commands differently.)
 echo "setup: building DeepSpeed's CPU communication op"
 DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)" \
   > .venv/deepspeed-op-build.log 2>&1 \

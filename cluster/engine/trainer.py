@@ -177,7 +177,7 @@ def _log(students: list[_Student], shared: _Shared, state: TrainState, job: Trai
             s.tracker.log(rows[s.name], step=state.step, prefix="train")
         losses = "  ".join(f"{name} {row.get('loss', float('nan')):.4f}" for name, row in rows.items())
         console(f"[{Path(job.run_dir).name}] epoch {state.epoch + 1}/{job.epochs} step {state.step}/"
-                 f"{job.epochs * job.steps_per_epoch} loss {losses}  {common['samples_per_s']:.0f} samples/s")
+                f"{job.epochs * job.steps_per_epoch} loss {losses}  {common['samples_per_s']:.0f} samples/s")
     return rows
 
 

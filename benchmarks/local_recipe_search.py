@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import machine, save_result  # noqa: E402
+from benchmarks.recipe_stats import dad_diagnostics, paired, tail_drop  # noqa: E402
 from robust.attacks.dad import DADConfig  # noqa: E402
 from robust.cache import cached_stage  # noqa: E402
 from robust.config import load_config  # noqa: E402
@@ -229,15 +230,6 @@ def train_student(r: Recipe, method: str, batches_per_step, *, seed: int) -> tup
                           "terms_per_epoch": terms_epoch, "tail_drop": tail_drop(per_epoch)}
 
 
-def tail_drop(per_epoch: list[float]) -> dict[str, float]:
-    """The share of the run's loss decrease (first to last epoch) made after half and after three
-    quarters of the epochs: near 0 once the loss has flattened."""
-    total = per_epoch[0] - per_epoch[-1]
-    n = len(per_epoch)
-    return {f"after_{q}": (per_epoch[round(q * (n - 1))] - per_epoch[-1]) / total if total > 0 else 0.0
-            for q in (0.5, 0.75)}
-
-
 # --- one seed ----------------------------------------------------------------------------------------
 
 def run_seed(r: Recipe, teacher, vqgan, data, *, seed: int, test_set: EvalSetConfig) -> dict:
@@ -343,25 +335,6 @@ def run_seed(r: Recipe, teacher, vqgan, data, *, seed: int, test_set: EvalSetCon
                "per_corruption": report["models"][m]["per_corruption"]} for m in r.methods}
     return {"seed": seed, "acc": acc, "times": times, "train": train_logs,
             "dad_diagnostics": {k: float(np.mean(v)) for k, v in diag.items()}}
-
-
-def dad_diagnostics(out: dict, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """How far a batch's DAD samples moved from the crops, and the teacher's accuracy on both."""
-    t, t_dad = out["teacher_logits"], out["dad_teacher_logits"]
-    return {"l2_dad_minus_x": (out["dad_image"] - x).flatten(1).norm(dim=1).mean().item(),
-            "teacher_acc_x": (t.argmax(1) == y).float().mean().item() * 100,
-            "teacher_acc_dad": (t_dad.argmax(1) == y).float().mean().item() * 100,
-            "teacher_max_prob_dad": t_dad.softmax(1).amax(1).mean().item()}
-
-
-def paired(results: list[dict], methods: list[str]) -> dict:
-    out = {}
-    for a, b in (("dad", "ce"), ("dad", "kd"), ("kd", "ce")):
-        if a in methods and b in methods:
-            for metric in ("clean", "corrupt"):
-                d = [res["acc"][a][metric] - res["acc"][b][metric] for res in results]
-                out[f"{a}-{b}_{metric}"] = {"per_seed": d, "mean": float(np.mean(d)), "positive_every_seed": min(d) > 0}
-    return out
 
 
 def main(argv: list[str]) -> None:

@@ -32,6 +32,7 @@ from statistics import fmean
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import machine, save_result  # noqa: E402
+from benchmarks.recipe_stats import tail_drop  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -88,9 +89,7 @@ def loss_flattened(run_dir: Path, methods: list[str]) -> dict:
         if student not in methods:
             continue
         losses = [row["loss"] for row in map(json.loads, metrics.read_text().splitlines()) if "loss" in row]
-        total = losses[0] - losses[-1]
-        late = losses[round(0.75 * (len(losses) - 1))] - losses[-1]
-        out[str(metrics.parent.relative_to(run_dir))] = late / total if total > 0 else 0.0
+        out[str(metrics.parent.relative_to(run_dir))] = tail_drop(losses)["after_0.75"]
     return out
 
 

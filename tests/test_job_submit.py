@@ -72,5 +72,9 @@ def test_job_submit_runs_the_local_preset(ray_head, tmp_path):
     assert report["models"]["ce"]["train_samples"] == 1347 // 128 * 128  # one epoch, 2 workers x 64
     rows = [json.loads(line) for line in (out / "local" / "ce" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"]  # the job trained
+    # the console: each logged step once, none of Ray Train's per-report lines (issue #13.4)
+    steps = [line for line in done.stdout.splitlines() if "[local] epoch 1/1 step" in line]
+    assert len(steps) == len(rows) and len(set(steps)) == len(steps), steps
+    assert "Reporting training result" not in done.stdout and "Checkpoint successfully created" not in done.stdout
     assert (out / "local" / "ce" / "model.safetensors").is_file()
     assert (out / "local" / "config.yaml").is_file()

@@ -6,6 +6,8 @@ import logging
 import sys
 import warnings
 
+from ray.train.v2._internal.execution import context as train_context
+
 
 def console(line: str) -> None:
     """A line on the job's console, once: Ray Train's ``print`` in its workers logs and, as their
@@ -14,8 +16,12 @@ def console(line: str) -> None:
     sys.__stdout__.flush()
 
 
-def quiet() -> None:
+def quiet(log_level: str) -> None:
     """The workers' console is the students' step lines: DeepSpeed's notices (its own logger, which Ray's log
-    level does not reach) and torch's deprecation warnings about the collectives DeepSpeed calls are off."""
+    level does not reach) and torch's deprecation warnings about the collectives DeepSpeed calls are off, and
+    Ray Train's "Reporting training result" line is logged at ``log_level`` (its LoggingConfig's) or above:
+    Ray Train logs that line through a logger named by its file's path, outside the ``ray.train`` logger whose
+    console handler LoggingConfig sets."""
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    logging.getLogger(train_context.__file__).setLevel(log_level)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")

@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import timm
 import torch
 from safetensors.torch import load_file, save_file
 
 from cluster.engine import batch as B
 from cluster.jobs.rpt import RptConfig, RptProducer, check, run
-from cluster.jobs.rpt_local import OVERLAY
+from cluster.jobs.rpt_local import OVERLAY, RptLocalConfig
 from robust.config import load_config
 from robust.models.clip_teacher import ClipTeacherConfig, build_clip_teacher
 from robust.models.timm_models import TimmConfig
+from robust.rpt.baselines import build_method
 from robust.rpt.partial import PartialConfig
 
 
@@ -26,6 +28,7 @@ def _cfg(small_shards, tmp_path, *overrides: str) -> RptConfig:
     save_file(timm.create_model("test_resnet", num_classes=10).state_dict(), teacher)
     return load_config(RptConfig, presets=[OVERLAY], overrides=[
         f"data.train_shards={small_shards['train']}", f"data.test_shards={small_shards['test']}",
+        "large.timm.name=test_vit", "large.timm.img_size=32", "large.tune_from_block=4", "robust_teacher.name=test_resnet",
         f"large.timm.checkpoint={large}", f"robust_teacher.checkpoint={teacher}", f"run.out_dir={tmp_path}",
         "optim.micro_batch_size=16", "run.epochs=1", "run.checkpoint_every=1000", "ray.check_resources=false",
         "run.cache_copies=2", "augmented.deepaugment.train_steps=20",
@@ -56,7 +59,11 @@ def test_rpt_and_full_finetuning_train_their_parts_and_wise_ft_interpolates(ray_
     key = "tuned.heads.combined.head.weight"
     torch.testing.assert_close(wise[key], (ft[key] + initial["head.weight"]) / 2)
     assert report["models"]["wise_ft_0.5"]["train_s"] == report["models"]["full_finetune"]["train_s"]
-    assert 0 <= report["models"]["rpt"]["f_correct_overall"] <= 100
+    # F_correct over the clean test set and its one corrupted copy (same size): the mean of the two sets'
+    # routing, where clean samples count for the clean head and corrupted ones for the unclean head
+    f = report["models"]["rpt"]["f_correct"]
+    assert set(f) == {"clean", "('gaussian_noise', 3)"}
+    assert report["models"]["rpt"]["f_correct_overall"] == pytest.approx((f["clean"] + f["('gaussian_noise', 3)"]) / 2)
 
 
 def test_the_zero_shot_clean_head_teacher_is_the_initial_clip_model(tiny_clip, tmp_path):
@@ -72,3 +79,14 @@ def test_the_zero_shot_clean_head_teacher_is_the_initial_clip_model(tiny_clip, t
     with torch.no_grad():
         expected = build_clip_teacher(clip)(B.images(x, "cpu"))
     torch.testing.assert_close(out["teacher_logits"], expected)
+
+
+def test_the_local_preset_tunes_the_last_stage_of_a_large_model_larger_than_its_teacher():
+    cfg = load_config(RptLocalConfig, presets=[OVERLAY])
+    resnet = timm.create_model(cfg.large.timm.name, num_classes=10)
+    head = sum(p.numel() for p in resnet.fc.parameters())
+    tuned = sum(p.numel() for p in resnet.layer4.parameters()) + 3 * head  # layer4, and a classifier per head
+    assert build_method("rpt", cfg.large).param_counts() == {"tuned": tuned, "total": sum(
+        p.numel() for p in resnet.parameters()) + 2 * head}
+    teacher = timm.create_model(cfg.robust_teacher.name, num_classes=10)
+    assert sum(p.numel() for p in teacher.parameters()) * 3 < sum(p.numel() for p in resnet.parameters())

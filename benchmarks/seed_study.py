@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/seed_study.py dad [OVERRIDES...]          -> results/dad_seed_study.json
     .venv/bin/python benchmarks/seed_study.py rpt [OVERRIDES...]          -> results/rpt_seed_study.json
     .venv/bin/python benchmarks/seed_study.py topk [k=K] [OVERRIDES...]   -> results/soft_targets_accuracy.json
+    .venv/bin/python benchmarks/seed_study.py dad seeds=[0,1,2,3,4]       -> results/dad_seed_study_5_seeds.json
 
-Each study runs the recipe's ``preset=local`` with ``run.seeds=[0,1,2]`` (one process: every seed trains
-through the same pools, and a seed pairs the methods: same images, same order, same initialisation draws)
+Each study runs the recipe's ``preset=local`` with ``run.seeds=[0,1,2]`` (or ``seeds=[...]``; one process:
+every seed trains through the same pools, and a seed pairs the methods: same images, same order, same
+initialisation draws)
 in ``/tmp/seed_study/<study>`` (the cached stages are built on the first run and reused), then reads the
 run's study.json (``robust.eval.study``: per model the mean and sd over seeds, per pair of methods the
 paired difference with its 95% t-interval) and checks the targets:
@@ -45,12 +47,13 @@ STUDIES = {"dad": ("dad_imagenet.py", "local", "dad_seed_study.json"),
            "topk": ("dad_imagenet.py", "local", "soft_targets_accuracy.json")}
 
 
-def run_study(study: str, out_dir: Path, overrides: list[str]) -> tuple[dict, float]:
-    """Run the study's recipe once over SEEDS; its study.json and the wall seconds."""
+def run_study(study: str, out_dir: Path, overrides: list[str], seeds: list[int]) -> tuple[dict, float]:
+    """Run the study's recipe once over ``seeds``; its study.json and the wall seconds. Seeds already finished
+    in ``out_dir`` under the same run.name are not trained again (the runner's resume)."""
     recipe, run_name, _ = STUDIES[study]
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(REPO / "recipes" / recipe), "preset=local", f"run.out_dir={out_dir}",
-           f"run.seeds=[{','.join(map(str, SEEDS))}]", *overrides]
+           f"run.seeds=[{','.join(map(str, seeds))}]", *overrides]
     t0 = time.perf_counter()
     with open(out_dir / "study.log", "w") as log:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -93,9 +96,9 @@ def loss_flattened(run_dir: Path, methods: list[str]) -> dict:
     return out
 
 
-def dad(overrides: list[str]) -> dict:
+def dad(overrides: list[str], seeds: list[int]) -> dict:
     out_dir = WORK / "dad"
-    study, wall = run_study("dad", out_dir, overrides)
+    study, wall = run_study("dad", out_dir, overrides, seeds)
     pairs = {"dad-ce corrupted": pair(study, "dad", "ce", "corrupt_acc"),
              "dad-kd corrupted": pair(study, "dad", "kd", "corrupt_acc"),
              "dad-ce clean": pair(study, "dad", "ce", "clean_acc"),
@@ -111,8 +114,8 @@ def dad(overrides: list[str]) -> dict:
             "targets_met": targets}
 
 
-def rpt(overrides: list[str]) -> dict:
-    study, wall = run_study("rpt", WORK / "rpt", overrides)
+def rpt(overrides: list[str], seeds: list[int]) -> dict:
+    study, wall = run_study("rpt", WORK / "rpt", overrides, seeds)
     initial = "large (initial)"
     pairs = {"rpt-initial corrupted": pair(study, "rpt", initial, "corrupt_acc"),
              "rpt-apt corrupted": pair(study, "rpt", "apt", "corrupt_acc"),
@@ -130,18 +133,18 @@ def rpt(overrides: list[str]) -> dict:
     return {"wall_s": wall, "models": means, "pairs": pairs, "targets_met": targets}
 
 
-def topk(overrides: list[str]) -> dict:
+def topk(overrides: list[str], seeds: list[int]) -> dict:
     """The KD and DAD students with top-k soft targets against the dad study's (all logits, same seeds:
     the students' initialisation and data order do not depend on the other methods of a run)."""
     k = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("k=")), 3)
     overrides = [o for o in overrides if not o.startswith("k=")]
     full_file = RESULTS / STUDIES["dad"][2]
     full = json.loads(full_file.read_text()) if full_file.is_file() else None
-    if full is None or full["overrides"] != overrides:
+    if full is None or full["overrides"] != overrides or full["seeds"] != seeds:
         raise SystemExit(f"run `benchmarks/seed_study.py dad {' '.join(overrides)}` first: its KD and DAD students "
                          f"are the all-logits side of the comparison ({full_file})")
     study, wall = run_study("topk", WORK / f"top{k}", ["run.methods=[kd,dad]", f"dad.soft_targets_topk={k}",
-                                                        *overrides])
+                                                        *overrides], seeds)
     models = model_means(study)
     cost = {}
     for method in ("kd", "dad"):
@@ -156,10 +159,16 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] not in STUDIES:
         raise SystemExit(f"usage: seed_study.py {{{'|'.join(STUDIES)}}} [OVERRIDES...]")
     name, overrides = argv[0], argv[1:]
-    result = {"machine": machine(), "study": name, "recipe": STUDIES[name][0], "seeds": SEEDS,
-              "overrides": overrides, **{"dad": dad, "rpt": rpt, "topk": topk}[name](overrides)}
+    out, seeds = RESULTS / STUDIES[name][2], SEEDS
+    chosen = [o for o in overrides if o.startswith("seeds=")]
+    if chosen:  # another seed list: its own result file, beside the 3-seed one the targets are read from
+        seeds = json.loads(chosen[-1].split("=", 1)[1])
+        overrides = [o for o in overrides if not o.startswith("seeds=")]
+        out = out.with_name(f"{out.stem}_{len(seeds)}_seeds.json")
+    result = {"machine": machine(), "study": name, "recipe": STUDIES[name][0], "seeds": seeds,
+              "overrides": overrides, **{"dad": dad, "rpt": rpt, "topk": topk}[name](overrides, seeds)}
     print(json.dumps(result, indent=1))
-    save_result(RESULTS / STUDIES[name][2], result)
+    save_result(out, result)
 
 
 if __name__ == "__main__":

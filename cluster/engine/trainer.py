@@ -277,6 +277,8 @@ def _build(job: TrainJob, world: int) -> list[_Student]:
 
 def train_loop(config: dict) -> None:
     """The per-worker loop (Ray Train calls it on every worker)."""
+    # DeepSpeed's accelerator from the pool's resources: its auto-detection logs a warning on CPU workers
+    os.environ.setdefault("DS_ACCELERATOR", config["accelerator"])
     quiet(config["log_level"])
     job: TrainJob = config["job"]
     os.nice(config["nice"])
@@ -376,7 +378,8 @@ def fit(job: TrainJob, dataset: ray.data.Dataset, pool: StudentPoolConfig, *, na
     check_resumable(job.checkpoint_root, pool.num_workers)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"job": job, "nice": pool.nice, "log_level": train_logs.log_level},
+        train_loop_config={"job": job, "nice": pool.nice, "log_level": train_logs.log_level,
+                           "accelerator": "cuda" if use_gpu else "cpu"},
         scaling_config=ScalingConfig(num_workers=pool.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets={"train": dataset},

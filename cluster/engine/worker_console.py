@@ -22,6 +22,9 @@ def quiet(log_level: str) -> None:
     Ray Train's "Reporting training result" line is logged at ``log_level`` (its LoggingConfig's) or above:
     Ray Train logs that line through a logger named by its file's path, outside the ``ray.train`` logger whose
     console handler LoggingConfig sets."""
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    # imported here, not by the driver; its import creates the logger at WARNING, so it comes before the level
+    from deepspeed.utils import logger as deepspeed_logger
+
+    deepspeed_logger.setLevel(logging.ERROR)
     logging.getLogger(train_context.__file__).setLevel(log_level)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")

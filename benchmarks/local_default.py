@@ -3,9 +3,9 @@
 
 Cold: a fresh output directory, so every cached stage (digits shards, AugMix teacher, VQGAN) is built.
 Warm: the same directory again under another ``run.name``, so the cached stages are reused and the
-models train again (a run of the same name would find them finished and only evaluate). Peak memory is the largest sum of
-proportional set size (PSS: each shared page split among the processes that map it) over the recipe's
-whole process tree (driver, Ray's daemons, actors, workers); the sum of RSS is recorded too, but it
+models train again (a run of the same name would find them finished and only evaluate). Peak memory is the
+largest sum of proportional set size (PSS: each shared page split among the processes that map it) over the
+recipe's whole process tree (driver, Ray's daemons, actors, workers); the sum of RSS is recorded too, but it
 counts torch's shared libraries and the object store's shared memory once per process.
 Targets: cold under 10 minutes, peak under 8 GiB. For ``rpt``, a third run on the warm caches trains
 RPT without the feature cache, to compare with the cached RPT of the warm run.

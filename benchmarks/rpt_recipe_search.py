@@ -12,9 +12,11 @@ preset's two workers x 64). What it does not: the DeepAugment copies are one ``d
 (the job draws a network per actor batch), the draw of an epoch's augmented share uses NumPy's generator, and
 the feature cache's fixed copies are fresh crops here.
 
-Evaluation: ``robust.eval.benchmark`` on the test shards, clean and the 15 corruptions x 5 severities, of the
-initial model, every head alone, and for three heads the routed classifier (eq. 6, ``RptClassifier``).
-Each run appends its entry to ``benchmarks/results/rpt_recipe_search.json``.
+Evaluation: ``robust.eval.benchmark`` on the job's test set (``held_out_set``: the test shards, clean and the 15
+corruptions x 5 severities) of the initial model, every head alone, and for three heads the routed classifier
+(eq. 6, ``RptClassifier``). The crop, the AugMix views, the DeepAugment network and the test set are configured
+by the preset itself (``PRESET``). Each run appends its entry, with the tuned part's share of a forward's FLOPs,
+to ``benchmarks/results/rpt_recipe_search.json``.
 
     .venv/bin/python benchmarks/rpt_recipe_search.py name=NAME [KEY=VALUE ...]
 """
@@ -31,18 +33,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.local_recipe_search import lr_ratio  # noqa: E402
 from benchmarks.machine import machine, save_result  # noqa: E402
-from cluster.jobs.local import DIGITS_CROP  # noqa: E402
-from robust.augment import AugMixConfig, augmix_transform  # noqa: E402
+from cluster.engine.evaluate import held_out_set  # noqa: E402
+from cluster.jobs.rpt_local import OVERLAY, RptLocalConfig  # noqa: E402
+from robust.augment import augmix_transform  # noqa: E402
 from robust.config import load_config  # noqa: E402
 from robust.data.digits import build_digits_shards, digits_arrays  # noqa: E402
-from robust.deepaugment import DeepAugConfig, autoencoder_for, deepaugment_dataset  # noqa: E402
+from robust.deepaugment import autoencoder_for, deepaugment_dataset  # noqa: E402
 from robust.eval.benchmark import benchmark  # noqa: E402
-from robust.eval.sets import EvalSetConfig  # noqa: E402
 from robust.models.timm_models import TimmConfig  # noqa: E402
 from robust.rpt.baselines import METHODS, build_method, method_loss_config  # noqa: E402
 from robust.rpt.export import RptClassifier  # noqa: E402
@@ -52,13 +55,12 @@ from robust.rpt.select import SelectConfig  # noqa: E402
 from robust.rpt.targets import augmented_view, rpt_targets  # noqa: E402
 from robust.seeding import sample_seeds, seed_everything  # noqa: E402
 from robust.teacher_train import TeacherTrainConfig, cached_teacher  # noqa: E402
-from robust.train_transforms import TrainAugConfig, augment_image, sample_transform  # noqa: E402
+from robust.train_transforms import augment_image, sample_transform  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "rpt_recipe_search.json"
 CACHE = Path("/tmp/rpt_recipe_search")
-CORRUPTIONS = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-               "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-               "jpeg_compression"]
+# the crop, the views, the DeepAugment network and the test set are the RPT job's preset=local's own
+PRESET = load_config(RptLocalConfig, presets=[OVERLAY])
 
 
 @dataclass
@@ -114,12 +116,11 @@ def epoch_rows(r: Recipe, x_NHWC: np.ndarray, y_N: np.ndarray, x_da: np.ndarray,
 
 def tune(r: Recipe, large: nn.Module, teacher: nn.Module, split: PartialConfig) -> tuple[nn.Module, dict]:
     x_NHWC, y_N, _, _ = digits_arrays()
-    da_cfg = DeepAugConfig()
+    da_cfg = PRESET.augmented.deepaugment
     net = autoencoder_for(torch.from_numpy(x_NHWC).permute(0, 3, 1, 2), da_cfg, progress=False)
     x_da, _ = deepaugment_dataset(x_NHWC, y_N, net, da_cfg, seed=r.seed)
-    plain = {"auto_augment": "", "re_prob": 0.0, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0}  # RptConfig's
-    crop = sample_transform(load_config(TrainAugConfig, presets=[plain, DIGITS_CROP]))
-    augmix = augmix_transform(AugMixConfig())
+    crop = sample_transform(PRESET.augment)
+    augmix = augmix_transform(PRESET.augmented.augmix)
     augmented = METHODS[r.method].augmented
     seed_everything(r.seed)
     student = build_method(r.method, split)
@@ -152,7 +153,18 @@ def tune(r: Recipe, large: nn.Module, teacher: nn.Module, split: PartialConfig) 
             summed += loss.item() * len(x01)
         curve.append(round(summed / len(x), 4))
     return student.eval(), {"train_s": round(time.perf_counter() - t0, 1), "steps": step, "loss_per_epoch": curve,
-                            "params": student.param_counts()}
+                            "params": student.param_counts(),
+                            "tuned_flops_share": round(tuned_flops_share(student), 4)}
+
+
+def tuned_flops_share(student: nn.Module) -> float:
+    """The tuned part's (shared units and every head) share of one image's forward FLOPs, by torch's counter."""
+    x01 = torch.zeros(1, 3, PRESET.augment.crop_size, PRESET.augment.crop_size)  # FLOPs do not depend on values
+    with torch.no_grad(), FlopCounterMode(display=False) as frozen:
+        feats = student.backbone_features(x01)
+    with torch.no_grad(), FlopCounterMode(display=False) as tuned:
+        student.heads_forward(feats)
+    return tuned.get_total_flops() / (frozen.get_total_flops() + tuned.get_total_flops())
 
 
 class OneHead(nn.Module):
@@ -170,9 +182,7 @@ def evaluate(student: nn.Module, large: nn.Module, teacher: nn.Module) -> dict:
               **{f"head {h}": OneHead(student, h).eval() for h in student.head_names}}
     if len(student.head_names) == 3:
         models["routed (eq. 6)"] = RptClassifier(student, SelectConfig()).eval()
-    sets = [EvalSetConfig(kind="shards", root=str(test), name="clean", shifted=False, image_size=32, crop_pct=1.0,
-                          corruptions=CORRUPTIONS, severities=[1, 2, 3, 4, 5])]
-    report = benchmark(models, sets, progress=False)
+    report = benchmark(models, [held_out_set(str(test), PRESET.eval)], progress=False)
     keys = ("clean_acc", "corrupt_acc", "f_correct_overall")
     return {name: {k: round(m[k], 2) for k in keys if k in m} for name, m in report["models"].items()}
 

@@ -42,8 +42,8 @@ class RptLocalConfig(RptConfig):
 
 OVERLAY: dict = {
     "data": {"max_in_flight_mb": 64},
-    # the tuned part: the last stage (layer4) and the heads, 72% of the parameters but 6.5% of a forward's
-    # FLOPs at 32 px (the frozen stages run on the larger feature maps)
+    # the tuned part: the last stage (layer4) and the heads, 72% of the parameters but 6.6% of a forward's
+    # FLOPs at 32 px (the frozen stages run on the larger feature maps; benchmarks/rpt_recipe_search.py)
     "large": {"timm": {"name": "test_resnet", "num_classes": 10, "pretrained": False}, "tune_from_block": 3},
     "robust_teacher": {"name": "test_efficientnet", "num_classes": 10},
     "augment": DIGITS_CROP,

@@ -43,7 +43,7 @@ from cluster.engine.cluster_stats import object_store_used_bytes, teacher_actors
 from cluster.engine.pools import STUDENT_RESOURCE, StudentPoolConfig
 from cluster.engine.tasks import StudentTask
 from cluster.engine.tracking import LoggingConfig, Tracker
-from cluster.engine.worker_console import console, quiet
+from cluster.engine.worker_console import console, no_prints, quiet
 from robust.seeding import combine, seed_everything
 
 CKPT_TAG = "ckpt"
@@ -267,8 +267,9 @@ def _build(job: TrainJob, world: int) -> list[_Student]:
     for name, task in job.tasks.items():
         seed_everything(job.seed)  # the same initialisation on every rank, and for every task
         model = task.build()
-        engine, *_ = deepspeed.initialize(model=model, config=ds_cfg, dist_init_required=False,
-                                          model_parameters=[p for p in model.parameters() if p.requires_grad])
+        with no_prints():
+            engine, *_ = deepspeed.initialize(model=model, config=ds_cfg, dist_init_required=False,
+                                              model_parameters=[p for p in model.parameters() if p.requires_grad])
         # ZeRO <= 2 keeps full parameters on every rank, so every rank's EMA is the same (validate_optim).
         ema = ModelEmaV3(engine.module, decay=job.optim.ema_decay) if job.optim.ema_decay else None
         students.append(_Student(name, task, engine, ema, Path(job.run_dir) / name))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import logging
 import sys
 import warnings
@@ -28,3 +30,15 @@ def quiet(log_level: str) -> None:
     deepspeed_logger.setLevel(logging.ERROR)
     logging.getLogger(train_context.__file__).setLevel(log_level)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
+@contextlib.contextmanager
+def no_prints():
+    """``print`` does nothing inside: DeepSpeed prints (not logs) "deepspeed_shm_comm_op built successfully" as
+    it sets up its CPU collectives in ``deepspeed.initialize``. (Ray Train's workers replace ``print`` with one
+    that logs the line and writes it to stdout too, so neither its logger's level nor a redirected stdout stops it.)"""
+    saved, builtins.print = builtins.print, lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        builtins.print = saved

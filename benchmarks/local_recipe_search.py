@@ -13,10 +13,12 @@ the teacher side is ``robust.distill.teacher_targets`` per batch of 64 with the 
 ``robust.losses.objectives.objective``; evaluation is ``robust.eval.benchmark.benchmark`` on the test
 shards clean + the 15 corruptions x 5 severities (the job's ``held_out_set``).
 
-DAD modes: ``online`` attacks every epoch's crops; ``offline`` generates ``copies`` epochs of crops with
-their DAD samples once and cycles them (``copies=1`` is today's engine: every epoch trains on the epoch-0
-crops, clean and DAD alike). Each run appends its entry (recipe, per-stage times, per-epoch loss curves,
-per-seed accuracies and paired differences) to ``benchmarks/results/local_recipe_search.json``.
+DAD modes: ``online`` attacks every epoch's crops (cached under ``cache``: the samples depend on the stream,
+the teacher, the VQGAN and the attack, not on the student, so recipes that change only the students reuse
+them); ``offline`` generates ``copies`` epochs of crops with their DAD samples once and cycles them
+(``copies=1`` is today's engine: every epoch trains on the epoch-0 crops, clean and DAD alike). Each run
+appends its entry (recipe, per-stage times, per-epoch loss curves, per-seed accuracies and paired
+differences) to ``benchmarks/results/local_recipe_search.json``.
 
     .venv/bin/python benchmarks/local_recipe_search.py name=NAME [seeds=[0,1,2]] [KEY=VALUE ...]
 """
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from timm.utils import ModelEmaV3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -70,6 +73,7 @@ class StudentRecipe:
     workers: int = 2  # micro-batches per optimizer step: the DeepSpeed workers
     grad_clip: float = 1.0
     min_lr_ratio: float = 0.01
+    ema_decay: float = 0.0  # optim.ema_decay: timm's ModelEmaV3 after every step, evaluated instead (0 = off)
 
 
 @dataclass
@@ -197,6 +201,7 @@ def train_student(r: Recipe, method: str, batches_per_step, *, seed: int) -> tup
     seed_everything(seed)
     model = build_timm(r.student.model).train()
     opt = torch.optim.AdamW(model.parameters(), lr=r.student.lr, weight_decay=r.student.weight_decay)
+    ema = ModelEmaV3(model, decay=r.student.ema_decay) if r.student.ema_decay else None
     kind = {"ce": "ce", "kd": "kd", "dad": dad_kind(r)}[method]
     total = len(batches_per_step)
     steps_per_epoch = total // r.student.epochs
@@ -220,13 +225,15 @@ def train_student(r: Recipe, method: str, batches_per_step, *, seed: int) -> tup
                 terms_log.setdefault(k, []).append(v.item())
         torch.nn.utils.clip_grad_norm_(model.parameters(), r.student.grad_clip)
         opt.step()
+        if ema is not None:
+            ema.update(model, step=step)
         losses.append(step_loss)
     seconds = time.perf_counter() - t0
     per_epoch = [float(np.mean(losses[e * steps_per_epoch:(e + 1) * steps_per_epoch])) for e in range(r.student.epochs)]
     mb = r.student.workers
     terms_epoch = {k: [float(np.mean(v[e * steps_per_epoch * mb:(e + 1) * steps_per_epoch * mb]))
                        for e in range(r.student.epochs)] for k, v in terms_log.items() if k != "loss"}
-    return model.eval(), {"kind": kind, "seconds": seconds, "loss_per_epoch": per_epoch,
+    return (model if ema is None else ema.module).eval(), {"kind": kind, "seconds": seconds, "loss_per_epoch": per_epoch,
                           "terms_per_epoch": terms_epoch, "tail_drop": tail_drop(per_epoch)}
 
 
@@ -274,11 +281,23 @@ def run_seed(r: Recipe, teacher, vqgan, data, *, seed: int, test_set: EvalSetCon
     if "dad" in r.methods:
         t0 = time.perf_counter()
         if r.dad.mode == "online":
-            for s, micro in enumerate(plan):
-                for k, (i, e) in enumerate(micro):
-                    x, y = clean(i, e)
-                    seeds = np.array([crops[int(ee)][1][ii] for ii, ee in zip(i, e)])
-                    dad_data[s, k] = side(x, y, seeds, dad=True)
+            def build(out: Path) -> None:
+                t_gen = time.perf_counter()
+                for s, micro in enumerate(plan):
+                    for k, (i, e) in enumerate(micro):
+                        x, y = clean(i, e)
+                        seeds = np.array([crops[int(ee)][1][ii] for ii, ee in zip(i, e)])
+                        dad_data[s, k] = side(x, y, seeds, dad=True)
+                torch.save({"dad_data": dad_data, "diag": diag, "seconds": time.perf_counter() - t_gen}, out / "dad.pt")
+
+            # the samples depend on the stream, the teacher, the VQGAN and the attack only: students share them
+            stage = {"seed": seed, "attack": r.dad.attack, "teacher": r.teacher, "vqgan": r.vqgan,
+                     "vqgan_steps": r.vqgan_steps, "augment": r.augment, "epochs": epochs,
+                     "micro_batch_size": r.student.micro_batch_size, "workers": r.student.workers}
+            stored = torch.load(cached_stage(r.cache, "dad_online", stage, build) / "dad.pt", weights_only=False)
+            dad_data, diag = stored["dad_data"], stored["diag"]
+            times["dad_generation_cached"] = bool(time.perf_counter() - t0 < 0.5 * stored["seconds"])
+            gen_s = stored["seconds"]  # the generation's own time, also when it was read from the cache
             generated = steps * r.student.micro_batch_size * r.student.workers
         elif r.dad.mode == "offline":
             # copy c = the epoch-c stream in batches of 64, attacked once (write_generated of samples(1))
@@ -294,10 +313,11 @@ def run_seed(r: Recipe, teacher, vqgan, data, *, seed: int, test_set: EvalSetCon
                     for key, col in (("t", "teacher_logits"), ("x_dad", "dad_image"), ("t_dad", "dad_teacher_logits")):
                         dad_data[key][c, i] = out[col]
             generated = r.dad.copies * len(y_train)
+            gen_s = time.perf_counter() - t0
         else:
             raise ValueError(f"dad.mode must be online or offline, got {r.dad.mode!r}")
-        times["dad_generation_s"] = time.perf_counter() - t0
-        times["dad_samples_per_s"] = generated / times["dad_generation_s"]
+        times["dad_generation_s"] = gen_s
+        times["dad_samples_per_s"] = generated / gen_s
 
     def batches(method: str):
         for s, micro in enumerate(plan):

@@ -86,5 +86,6 @@ def test_job_submit_runs_the_local_preset(ray_head, tmp_path):
     assert "Reporting training result" not in done.stdout and "Checkpoint successfully created" not in done.stdout
     assert "[WARNING] [lr_schedules" not in done.stdout  # DeepSpeed's own notices are off in the workers
     assert "built successfully" not in done.stdout  # nor its print as it builds its CPU collectives
+    assert "Starting execution of Dataset" not in done.stdout  # nor Ray Data's lines at each dataset's start
     assert (out / "local" / "ce" / "model.safetensors").is_file()
     assert (out / "local" / "config.yaml").is_file()

@@ -140,8 +140,11 @@ def begin(cfg, out: Path, ray_cfg: RayConfig, *, need: dict[str, float], local: 
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     start_ray(ray_cfg, resources=local)
-    # Progress comes from the workers' step lines and the evaluation bar, not Ray Data's operator bars.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Progress comes from the workers' step lines and the evaluation bar, not Ray Data's operator bars nor its
+    # two lines at each dataset's start (its id, log directory and plan); the context travels with the datasets.
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    data_context.print_on_execution_start = False
     if ray_cfg.check_resources:
         check_resources(need)
 

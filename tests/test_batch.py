@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -54,3 +56,16 @@ def test_tensors_and_row_bytes():
     # one DAD row at 32 px with 10 classes: two uint8 images and two fp16 logit vectors
     row = {B.IMAGE: (32, 32, 3), B.DAD_IMAGE: (32, 32, 3), B.TEACHER_LOGITS: (10,), B.DAD_TEACHER_LOGITS: (10,)}
     assert B.nbytes(row) == 2 * 32 * 32 * 3 + 2 * 10 * 2
+
+
+def test_read_only_columns_become_tensors_without_a_warning_and_with_their_values():
+    # Ray Data hands the columns over from the object store read-only; torch warns on (and must never write to)
+    # a tensor on such memory, so the column is copied: the tensor is writable and the column untouched
+    x = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    x.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        images, labels = B.images(x, "cpu"), B.tensor({B.LABEL: x[:, 0, 0, 0]}, B.LABEL, "cpu")
+    torch.testing.assert_close(images, torch.from_numpy(x.copy()).permute(0, 3, 1, 2).float() / 255)
+    labels += 1
+    assert labels.tolist() == [1, 49] and x[:, 0, 0, 0].tolist() == [0, 48]

@@ -116,8 +116,10 @@ def validate(batch: Mapping[str, np.ndarray], *, needs: Iterable[str] = ()) -> N
 
 
 def _to(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """A column on ``device``; to a GPU from pinned memory without blocking (the copy overlaps compute)."""
-    t = torch.from_numpy(np.ascontiguousarray(array))
+    """A column on ``device``; to a GPU from pinned memory without blocking (the copy overlaps compute). Ray Data
+    hands columns over from the object store read-only, and a tensor on read-only memory is undefined behaviour
+    once written (torch warns): those are copied first."""
+    t = torch.from_numpy(np.ascontiguousarray(array) if array.flags.writeable else np.array(array, order="C"))
     return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
 
 

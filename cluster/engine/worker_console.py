@@ -28,6 +28,8 @@ def quiet(log_level: str) -> None:
     from deepspeed.utils import logger as deepspeed_logger
 
     deepspeed_logger.setLevel(logging.ERROR)
+    # DeepSpeed's op loader imports torch's extension builder, which warns "No CUDA runtime is found" on CPU workers
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     logging.getLogger(train_context.__file__).setLevel(log_level)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 

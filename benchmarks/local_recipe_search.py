@@ -233,8 +233,9 @@ def train_student(r: Recipe, method: str, batches_per_step, *, seed: int) -> tup
     mb = r.student.workers
     terms_epoch = {k: [float(np.mean(v[e * steps_per_epoch * mb:(e + 1) * steps_per_epoch * mb]))
                        for e in range(r.student.epochs)] for k, v in terms_log.items() if k != "loss"}
-    return (model if ema is None else ema.module).eval(), {"kind": kind, "seconds": seconds, "loss_per_epoch": per_epoch,
-                          "terms_per_epoch": terms_epoch, "tail_drop": tail_drop(per_epoch)}
+    trained = model if ema is None else ema.module
+    return trained.eval(), {"kind": kind, "seconds": seconds, "loss_per_epoch": per_epoch,
+                            "terms_per_epoch": terms_epoch, "tail_drop": tail_drop(per_epoch)}
 
 
 # --- one seed ----------------------------------------------------------------------------------------
